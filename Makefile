@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Both build .venv from scratch on a
+# fresh machine (Python 3.11, x86-64 Linux) with every pin from constraints.txt.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+export NM_DISABLE_ANALYTICS := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv test demo bench clean lint
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt "setuptools<81" wheel
+	$(PY) -m pip install -q -c constraints.txt -e ".[vision,transformers,deepsparse,sparseml,dev]"
+	$(PY) -c "import sift_compiler, torch, torchvision, onnx, onnxruntime, deepsparse; print('venv ready: torch', torch.__version__, 'onnx', onnx.__version__)"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -n 2 --timeout 900 -q
+
+demo: venv
+	$(PY) examples/demo.py
+
+bench: venv
+	$(PY) benchmarks/compile_time.py
+
+lint: venv
+	$(PY) tools/check_file_sizes.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo-out

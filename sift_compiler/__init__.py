@@ -1,0 +1,26 @@
+"""sift-compiler: Sparse Iso-FLOP Transformations as a compiler.
+
+>>> import sift_compiler as sift
+>>> result = sift.compile(model, transform="parallel", sparsity=0.75, example_inputs=(x,))
+>>> result.module                    # trainable fx.GraphModule, masks as buffers
+>>> sift.sparsity.masks(result.module)
+>>> print(result.report.table())
+>>> sift.export_onnx(result.module, (x,), "model.onnx")
+"""
+from . import sparsity
+from .api import CompileResult, compile, flops
+from .capture import capture, leaf_module, load_model
+from .config import CompileConfig
+from .errors import (CaptureError, ExportError, ModelLoadError, PassError, SiftError, UnsupportedOpError,
+                     UserInputError)
+from .exporters.onnx import export_onnx
+from .pipelines import get_pipeline, pipeline_names, register_pipeline
+from .report import FlopReport
+from .serialize import load, save
+from .unit import CompilationUnit
+
+__version__ = "0.1.0"
+__all__ = ["compile", "flops", "CompileResult", "CompileConfig", "CompilationUnit", "FlopReport", "capture",
+           "leaf_module", "load_model", "export_onnx", "get_pipeline", "pipeline_names", "register_pipeline",
+           "load", "save", "sparsity", "SiftError", "UserInputError", "ModelLoadError", "CaptureError",
+           "PassError", "ExportError", "UnsupportedOpError"]

@@ -1,0 +1,215 @@
+"""Capture: any `nn.Module` -> a canonical `torch.fx.GraphModule`.
+
+``capture(model, args, kwargs)`` works on a deep copy (the user's model is never changed):
+
+1. canonicalise library modules that hide matmuls (`capture.modules`);
+2. trace with torch.fx, treating child-less `torch.nn` modules and masked layers as leaves;
+   models fx cannot trace (transformers 5.x, data-dependent Python control flow) go through
+   ``torch.export`` with dynamic batch and sequence dims instead;
+3. turn functional weight ops into module calls (`capture.normalize`);
+4. check the captured graph computes what the model computes on the example inputs.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from ..errors import CaptureError, UserInputError
+from ..sparsity.layers import MaskedLayer
+from .modules import canonicalize_modules
+from .normalize import modularize_functional_ops
+
+log = logging.getLogger(__name__)
+
+
+class SiftTracer(fx.Tracer):
+    """fx tracer whose leaves are the primitive layers: child-less `torch.nn` modules and masked layers."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, MaskedLayer):
+            return True
+        if getattr(type(m), "_sift_leaf", False):
+            return True
+        return type(m).__module__.startswith("torch.nn") and not any(True for _ in m.children())
+
+
+def symbolic_trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
+    """Trace ``module`` with `SiftTracer`; the GraphModule shares the module's parameters."""
+    tracer = SiftTracer()
+    graph = tracer.trace(module, concrete_args=concrete_args)
+    name = module.__class__.__name__ if isinstance(module, nn.Module) else module.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+@dataclass
+class CaptureResult:
+    module: fx.GraphModule
+    method: str  # "fx" or "export"
+    fx_error: Optional[str] = None
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
+               for c in type(model).__mro__)
+
+
+def _fx_capture(model: nn.Module, kwargs: Dict[str, Any]) -> fx.GraphModule:
+    # Unused keyword arguments with defaults become constants, so forward(x, mask=None) traces.
+    import inspect
+    concrete = {}
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name, p in params.items():
+        if name not in kwargs and p.default is not inspect.Parameter.empty and p.kind not in (
+                p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            concrete[name] = p.default
+    return symbolic_trace(model, concrete_args=concrete or None)
+
+
+def _batch_of_two(args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+    """torch.export specialises dims of size 1; a batch of 2 keeps the batch dim dynamic."""
+    def grow(x):
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1:
+            return torch.cat([x, x], 0)
+        return x
+    return pytree.tree_map(grow, args), pytree.tree_map(grow, kwargs)
+
+
+def _export_capture(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> fx.GraphModule:
+    args2, kwargs2 = _batch_of_two(args, kwargs)
+    auto = torch.export.Dim.AUTO
+
+    def dims(x):
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            # batch always; the sequence dim of token ids too
+            return {0: auto, 1: auto} if (x.dim() == 2 and not x.is_floating_point()) else {0: auto}
+        return None
+    dynamic = (pytree.tree_map(dims, args2), pytree.tree_map(dims, kwargs2))
+    dynamic_shapes = {**dict(zip(_positional_names(model, len(args2)), dynamic[0])), **dynamic[1]}
+    was_training = model.training
+    # Exported in eval mode: torch.export bakes train-time constants (e.g. the attention dropout_p
+    # handed to scaled_dot_product_attention) into the graph. Dropout and BatchNorm become modules
+    # again in normalize, so train()/eval() still switch them afterwards.
+    model.eval()
+    program = torch.export.export(model, args2, kwargs2, dynamic_shapes=dynamic_shapes, strict=False)
+    exported = program.module()
+    # A plain GraphModule: exported modules refuse train()/eval().
+    gm = fx.GraphModule(exported, exported.graph, type(model).__name__)
+    gm.train(was_training)
+    return gm
+
+
+def _positional_names(model: nn.Module, count: int):
+    import inspect
+    names = [n for n, p in inspect.signature(model.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names[:count]
+
+
+def _user_frame(exc: BaseException) -> str:
+    """'file:line' of the innermost frame outside torch, where fx tracing gave up."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if "/torch/" not in frame.filename and "sift_compiler" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno} in {frame.name}"
+    return "unknown location"
+
+
+def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None,
+            method: str = "auto", verify: bool = True) -> CaptureResult:
+    """Capture ``model`` as a canonical GraphModule (see the module docstring).
+
+    >>> result = capture(torchvision.models.resnet18(), (torch.randn(1, 3, 224, 224),))
+    >>> result.module.graph  # conv1, bn1, relu, ... as call_module nodes
+    """
+    if method not in ("auto", "fx", "export"):
+        raise ValueError(f"unknown capture method {method!r}: use 'auto', 'fx' or 'export'")
+    kwargs = dict(kwargs or {})
+    reference = reference_outputs(model, args, kwargs) if verify else None
+    original, model = model, copy.deepcopy(model)
+    canonicalize_modules(model)
+    fx_error = None
+    gm = None
+    if method == "fx" or (method == "auto" and not _is_transformers_model(model)):
+        try:
+            gm = _fx_capture(model, kwargs)
+            used = "fx"
+        except Exception as e:  # fx raises many types; all mean "try export"
+            fx_error = f"{type(e).__name__}: {e} (at {_user_frame(e)})"
+            if method == "fx":
+                raise CaptureError(f"torch.fx cannot trace {type(model).__name__}: {fx_error}. "
+                                   "Try capture method 'export'.") from e
+            log.info("torch.fx failed (%s); trying torch.export", fx_error)
+    if gm is None:
+        try:
+            gm = _export_capture(model, args, kwargs)
+            used = "export"
+        except Exception as e:
+            detail = f"torch.fx: {fx_error}; torch.export: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise CaptureError(
+                f"cannot capture {type(model).__name__} as a graph ({detail}). Make the failing forward "
+                "code traceable (no Python control flow on tensor values), or mark the module as a leaf "
+                "with `sift_compiler.capture.leaf_module`.") from e
+    modularize_functional_ops(gm)
+    if verify:
+        check_capture(gm, args, kwargs, reference, type(original).__name__)
+    return CaptureResult(gm, used, fx_error)
+
+
+def leaf_module(cls: type) -> type:
+    """Class decorator: keep modules of this type opaque (one `call_module` node) during capture."""
+    cls._sift_leaf = True
+    return cls
+
+
+def _describe_inputs(args, kwargs) -> str:
+    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in leaves)
+
+
+def reference_outputs(model: nn.Module, args, kwargs):
+    """The model's own outputs in eval mode; a model that rejects the inputs is a user error."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [t.clone() for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserInputError(f"{type(model).__name__} rejects the example input ({_describe_inputs(args, kwargs)}): "
+                             f"{type(e).__name__}: {first}. Pass an input shape/dtype the model accepts "
+                             "(--input-shape, --input-dtype).") from e
+    finally:
+        model.train(training)
+
+
+def check_capture(gm: fx.GraphModule, args, kwargs, expected, model_name: str,
+                  rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Raise CaptureError unless ``gm`` reproduces the model's ``expected`` outputs."""
+    training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            actual = [t for t in pytree.tree_leaves(gm(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    except Exception as e:
+        raise CaptureError(f"the captured graph of {model_name} does not run on the example inputs: "
+                           f"{type(e).__name__}: {e}") from e
+    finally:
+        gm.train(training)
+    if len(expected) != len(actual):
+        raise CaptureError(f"captured graph returns {len(actual)} tensors, the model {len(expected)}")
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        if e.shape != a.shape or not torch.allclose(e.float(), a.float(), rtol=rtol, atol=atol):
+            raise CaptureError(f"captured graph output {i} differs from the model's "
+                               f"(shape {tuple(a.shape)} vs {tuple(e.shape)}); the model may depend on "
+                               "state that tracing froze. Please report it with the model.")

@@ -1,0 +1,1 @@
+"""Command-line tools: sift-compile, sift-bench, sift-check."""

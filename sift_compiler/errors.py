@@ -1,0 +1,88 @@
+"""The error tree of sift-compiler.
+
+Every error that is about a place in the user's model names that place: the node, its op and
+target, and the user's source line when FX recorded one. The CLI turns any `SiftError` into one
+line on stderr and exit code 2; tracebacks only appear with ``--verbose``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch.fx as fx
+
+
+class SiftError(Exception):
+    """Base class for every error sift-compiler raises on purpose."""
+
+
+class UserInputError(SiftError, ValueError):
+    """A bad argument: a sparsity out of range, an unknown transform, a missing file..."""
+
+
+class ModelLoadError(SiftError):
+    """A model source that cannot be turned into an nn.Module (missing, corrupt, refused pickle)."""
+
+
+class CaptureError(SiftError):
+    """The model could not be captured as a graph (torch.fx and torch.export both failed)."""
+
+
+class PassError(SiftError):
+    """A pass failed; the message names the pass, the node and the passes that ran before it."""
+
+
+class PreconditionError(PassError):
+    """A pass was run on a unit that does not satisfy what the pass requires."""
+
+
+class PostconditionError(PassError):
+    """A pass produced a unit that breaks one of its invariants (iso-FLOP, masks, shapes)."""
+
+
+class StaleAnalysisError(SiftError):
+    """An analysis result was read after the graph it describes was changed."""
+
+
+class UnsupportedOpError(SiftError):
+    """The graph holds an op that an analysis does not understand and cannot safely ignore."""
+
+
+class ExportError(SiftError):
+    """ONNX export or its verification failed."""
+
+
+def describe_node(node: fx.Node) -> str:
+    """`'layer1.0.conv1' (call_module Conv2d)` plus the user's source line when FX kept it."""
+    what = node.op
+    if node.op == "call_module":
+        try:
+            module = node.graph.owning_module.get_submodule(str(node.target))
+            what = f"call_module {type(module).__name__}"
+        except (AttributeError, TypeError):
+            pass
+    elif node.op == "call_function":
+        what = f"call_function {getattr(node.target, '__name__', node.target)}"
+    text = f"'{node.target if node.op == 'call_module' else node.name}' ({what})"
+    location = source_location(node)
+    return f"{text} at {location}" if location else text
+
+
+def source_location(node: fx.Node) -> Optional[str]:
+    """The innermost user frame of the node's stack trace, as 'file:line in function'."""
+    trace = node.meta.get("stack_trace") if hasattr(node, "meta") else None
+    if not trace:
+        return None
+    frames = [line.strip() for line in trace.strip().splitlines() if line.strip().startswith("File ")]
+    if not frames:
+        return None
+    # 'File "x.py", line 12, in forward'
+    last = frames[-1].replace('File "', "").replace('", line ', ":").replace(", in ", " in ")
+    return last
+
+
+def pass_error(pass_name: str, node: Optional[fx.Node], reason: str,
+               history: Sequence[str] = (), cls: type = PassError) -> PassError:
+    """Build a PassError that says which pass, where, why, and what ran before."""
+    where = f" at {describe_node(node)}" if node is not None else ""
+    after = f"; after passes {list(history)}" if history else ""
+    return cls(f"[{pass_name}] {reason}{where}{after}")

@@ -1,0 +1,57 @@
+"""Iso-FLOP compensation: one uniform sparsity s' for all sparse layers, in closed form.
+
+    s' = 1 - (F_target - F_dense_after) / F_maskable_after
+
+F_target is the dense model's weight-layer FLOPs, F_dense_after the FLOPs of weight layers that
+stay dense after the rewrite (first/last layers, depthwise convs, Doped's U and V) and
+F_maskable_after the dense-equivalent FLOPs of the masked layers. Exact because masked FLOPs
+scale linearly with density; the reference binary-searches with random masks instead.
+"""
+from __future__ import annotations
+
+from ..analyses.flops import FlopAnalysis
+from ..errors import PassError
+from ..sparsity.layers import MaskedLayer
+from .base import Pass, PassResult
+
+
+class IsoFlopCompensationPass(Pass):
+    """Set every masked layer's target density to 1 - s' (see the module docstring)."""
+
+    name = "iso-flop-compensation"
+
+    def requires(self, unit) -> None:
+        if unit.baseline is None:
+            raise PassError("the dense baseline FLOPs were not recorded before the rewrite")
+
+    def call(self, unit) -> PassResult:
+        counts = unit.analyses.get(FlopAnalysis)
+        gm = unit.module
+        masked_nodes = [n for n in gm.graph.nodes if n.op == "call_module"
+                        and isinstance(gm.get_submodule(str(n.target)), MaskedLayer)]
+        if not masked_nodes:
+            return PassResult(False)
+        masked_names = {n.name for n in masked_nodes}
+        maskable = sum(counts.nodes[n].dense for n in masked_names)
+        dense_after = sum(f.dense for name, f in counts.nodes.items()
+                          if f.category == "weight" and name not in masked_names)
+        target = unit.baseline.weight_dense
+        budget = target - dense_after
+        if budget <= 0:
+            raise PassError(f"the layers that stay dense already cost {dense_after:.4g} FLOPs, more than the "
+                            f"dense model's {target:.4g}: no sparsity can make this model iso-FLOP; keep fewer "
+                            "layers dense or lower the sparsity")
+        density = budget / maskable
+        if density > 1.0:
+            unit.notes.append(f"compensation wanted density {density:.4f} > 1; capped at 1 (model under budget)")
+            density = 1.0
+        for node in masked_nodes:
+            gm.get_submodule(str(node.target)).target_density = density
+        unit.effective_sparsity = 1.0 - density
+        if abs(unit.effective_sparsity - unit.config.sparsity) > 1e-6:
+            unit.notes.append(f"compensated sparsity s' = {unit.effective_sparsity:.4f} "
+                              f"(requested s = {unit.config.sparsity:g})")
+        unit.touch()
+        from ..analyses.layers import LayerAnalysis
+        from ..analyses.shapes import ShapeAnalysis
+        return PassResult(True, frozenset({ShapeAnalysis, LayerAnalysis}))

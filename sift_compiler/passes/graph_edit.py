@@ -1,0 +1,67 @@
+"""Graph surgery shared by the rewrite passes.
+
+``splice_module(unit, node, module, path)`` replaces one `call_module` node with the graph of
+``module``'s forward: ``module`` is registered at ``path`` (usually the replaced layer's own
+name, so parameters read ``layer1.0.conv1.branches.2.layer.weight``), traced with the capture's
+tracer, and its nodes are copied in place of ``node``. Passes therefore build replacements as
+plain, readable ``nn.Module``s, and analyses only ever see primitive layers.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..capture.tracer import SiftTracer, symbolic_trace
+
+
+def splice_module(unit, node: fx.Node, module: nn.Module, path: str, meta: Dict[str, Any]) -> fx.Node:
+    """Replace ``node`` (a single-input `call_module`) with ``module``'s traced graph; returns the output node."""
+    gm = unit.module
+    if not _registered(gm, path, module):
+        gm.add_submodule(path, module)
+    if SiftTracer().is_leaf_module(module, path):  # one primitive layer: just retarget the node
+        node.target = path
+        node.meta.update(meta)
+        node.meta["sift.role"] = ""
+        return node
+    sub = symbolic_trace(module)
+    env: Dict[fx.Node, Any] = {}
+    inputs = list(node.args)
+    result = None
+    with gm.graph.inserting_before(node):
+        for sub_node in sub.graph.nodes:
+            if sub_node.op == "placeholder":
+                env[sub_node] = inputs.pop(0) if inputs else sub_node.args[0]
+            elif sub_node.op == "output":
+                result = fx.map_arg(sub_node.args[0], lambda n: env[n])
+            else:
+                new = gm.graph.node_copy(sub_node, lambda n: env[n])
+                if new.op in ("call_module", "get_attr"):
+                    new.target = f"{path}.{sub_node.target}"
+                new.meta.update(meta)
+                if "stack_trace" in node.meta:
+                    new.meta["stack_trace"] = node.meta["stack_trace"]
+                if new.op == "call_module":
+                    new.meta["sift.role"] = str(sub_node.target)
+                env[sub_node] = new
+    node.replace_all_uses_with(result)
+    gm.graph.erase_node(node)
+    return result
+
+
+def _registered(gm: fx.GraphModule, path: str, module: nn.Module) -> bool:
+    try:
+        return gm.get_submodule(path) is module
+    except AttributeError:
+        return False
+
+
+def finish_edits(unit) -> None:
+    """Lint, recompile, drop modules no node uses any more, and mark analyses stale."""
+    gm = unit.module
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    unit.touch()

@@ -1,0 +1,89 @@
+"""Shared machinery of the layer-local rewrites (Sparse Parallel, Factorized, Doped).
+
+`LayerRewritePass` walks the layers that `LayerAnalysis` marks transformable and asks the
+subclass for a replacement module per layer (``build``); shortcut projections are only masked
+(same shape, sparse at s'), as the paper does. Every new node carries ``sift.origin`` (the
+original layer's name) and ``sift.rule`` (the pass), so reports and exporters can trace it back.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch.nn as nn
+
+from ..analyses.layers import LayerAnalysis, WeightLayer
+from ..sparsity.layers import masked_copy
+from ..unit import LayerDecision
+from .base import Pass, PassResult
+from .graph_edit import finish_edits, splice_module
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+def sigma(layer: nn.Module, width: int, activation: str, linear_norm: bool) -> Tuple[Optional[nn.Module], nn.Module]:
+    """(norm, activation) placed after a sparse factor of ``width`` outputs.
+
+    Convs: BatchNorm + ReLU (paper). Linears: the model's own activation, LayerNorm optional.
+    """
+    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        norm_cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[len(layer.kernel_size)]
+        return norm_cls(width, **factory), nn.ReLU()
+    norm = nn.LayerNorm(width, **factory) if linear_norm else None
+    return norm, ACTIVATIONS[activation]()
+
+
+def model_activation(unit) -> str:
+    """The activation for sigma after linears: the config's, or the model's own ("auto")."""
+    chosen = unit.config.activation
+    return unit.analyses.get(LayerAnalysis).activation if chosen == "auto" else chosen
+
+
+def fan(layer: nn.Module) -> Tuple[int, int, int, int]:
+    """(D_in, D_out, kernel elements, groups) of a Linear or Conv."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features, 1, 1
+    kernel = 1
+    for k in layer.kernel_size:
+        kernel *= k
+    return layer.in_channels, layer.out_channels, kernel, layer.groups
+
+
+def round_to_multiple(value: float, multiple: int, minimum: int = 0) -> int:
+    """Nearest multiple of ``multiple`` (at least ``minimum``)."""
+    return max(minimum, int(round(value / multiple)) * multiple)
+
+
+class LayerRewritePass(Pass):
+    """Base of the layer-local Sparse-IFT rewrites; subclasses implement ``build``."""
+
+    transform = "none"
+
+    def __init__(self, sparsity: float) -> None:
+        self.sparsity = sparsity
+
+    def build(self, unit, layer: WeightLayer, module: nn.Module) -> Tuple[nn.Module, str]:
+        """Return (replacement module computing the transformed layer, a short detail string)."""
+        raise NotImplementedError
+
+    def call(self, unit) -> PassResult:
+        table = unit.analyses.get(LayerAnalysis)
+        gm = unit.module
+        nodes = {n.name: n for n in gm.graph.nodes}
+        modified = False
+        for layer in table.transformable(self.transform):
+            module = gm.get_submodule(layer.target)
+            meta = {"sift.origin": layer.target, "sift.rule": self.name}
+            if layer.shortcut:
+                replacement, detail, kind = masked_copy(module), "shortcut projection: masked, not copied", "masked"
+                replacement.target_density = 1.0 - self.sparsity
+            else:
+                replacement, detail = self.build(unit, layer, module)
+                kind = self.transform
+            for node_name in layer.nodes:
+                splice_module(unit, nodes[node_name], replacement, layer.target, meta)
+            unit.decisions[layer.target] = LayerDecision(kind, detail)
+            modified = True
+        if modified:
+            finish_edits(unit)
+        return PassResult(modified)

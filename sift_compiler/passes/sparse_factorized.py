@@ -1,0 +1,63 @@
+"""Sparse Factorized: ``y = W x`` -> ``y = V sigma(U x)``, U and V sparse, hidden width h.
+
+h = D_in D_out / ((1 - s)(D_in + D_out)) makes the pair iso-FLOP at density 1 - s (for convs
+D_in counts the kernel: k_h k_w D_in). U is a k x k conv that carries stride, padding, dilation
+and groups; V is a 1x1 conv (for linears: two Linears). sigma is BatchNorm + ReLU for convs and
+the model's activation for linears. h is rounded to the nearest multiple of the groups; the
+global compensation pays for the rounding.
+
+::
+
+    x -> conv kxk (D_in->D_out)  ==>  x -> U kxk (D_in->h) -> BN -> ReLU -> V 1x1 (h->D_out)
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch.nn as nn
+
+from ..sparsity.layers import new_layer
+from .rewrite import LayerRewritePass, fan, model_activation, round_to_multiple, sigma
+
+
+class FactorizedLayer(nn.Module):
+    """V sigma(U x)."""
+
+    def __init__(self, u: nn.Module, norm: Optional[nn.Module], act: nn.Module, v: nn.Module) -> None:
+        super().__init__()
+        self.u, self.norm, self.act, self.v = u, norm, act, v
+
+    def forward(self, x):
+        h = self.u(x)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.v(self.act(h))
+
+
+def hidden_width(d_in: int, d_out: int, kernel: int, sparsity: float) -> float:
+    """h = k D_in D_out / ((1 - s)(k D_in + D_out)), before rounding."""
+    return kernel * d_in * d_out / ((1.0 - sparsity) * (kernel * d_in + d_out))
+
+
+class SparseFactorizedPass(LayerRewritePass):
+    """Replace every transformable Linear/Conv with a sparse U -> sigma -> sparse V pair."""
+
+    name = "sparse-factorized"
+    transform = "factorized"
+
+    def build(self, unit, layer, module) -> Tuple[nn.Module, str]:
+        d_in, d_out, kernel, groups = fan(module)
+        ideal = hidden_width(d_in, d_out, kernel, self.sparsity)
+        h = round_to_multiple(ideal, groups, minimum=groups)
+        density = 1.0 - self.sparsity
+        if isinstance(module, nn.Linear):
+            u = new_layer(module, out_features=h, bias=False)
+            v = new_layer(module, in_features=h)
+        else:
+            u = new_layer(module, out_channels=h, bias=False)
+            ones = (1,) * len(module.kernel_size)
+            v = new_layer(module, in_channels=h, kernel_size=ones, stride=ones, padding=0, dilation=ones,
+                          padding_mode="zeros")
+        u.target_density = v.target_density = density
+        norm, act = sigma(module, h, model_activation(unit), unit.config.linear_norm)
+        return FactorizedLayer(u, norm, act, v).train(module.training), f"h={h} (ideal {ideal:.1f})"

@@ -1,0 +1,51 @@
+"""Mask initialisation: exact-count random masks, deterministic for a seed.
+
+A layer at density d gets exactly ``round(d * numel)`` non-zeros (at least one), drawn uniformly
+without replacement: no Bernoulli noise, so the FLOP report is exact. Each layer's generator is
+seeded from the global seed and the layer's name, so a layer's mask does not depend on which
+other layers exist or on the order they are visited.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Dict
+
+import torch
+import torch.nn as nn
+
+from .layers import iter_masked
+
+
+def exact_count(density: float, numel: int) -> int:
+    """round(density * numel), clamped to [1, numel]."""
+    return min(numel, max(1, int(round(density * numel))))
+
+
+def layer_generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
+
+
+def random_mask(shape, density: float, generator: torch.Generator) -> torch.Tensor:
+    """A bool mask of ``shape`` with exactly `exact_count` true entries at random positions."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    keep = torch.randperm(numel, generator=generator)[:exact_count(density, numel)]
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[keep] = True
+    return mask.view(shape)
+
+
+def init_masks(module: nn.Module, seed: int = 0, only_fresh: bool = True) -> Dict[str, int]:
+    """Draw a mask for every masked layer below density 1; returns {layer name: non-zeros}.
+
+    ``only_fresh`` leaves layers that already carry a mask (not all ones) alone.
+    """
+    drawn = {}
+    for name, layer in sorted(iter_masked(module), key=lambda item: item[0]):
+        if layer.target_density >= 1.0 or (only_fresh and not bool(layer.weight_mask.all())):
+            continue
+        mask = random_mask(tuple(layer.weight.shape), layer.target_density, layer_generator(seed, name))
+        layer.set_mask(mask.to(layer.weight.device))
+        drawn[name] = int(mask.sum())
+    return drawn

@@ -1,0 +1,152 @@
+"""Masked weight layers: `nn.Linear`/`nn.ConvNd` whose weight is multiplied by a boolean mask.
+
+`MaskedLinear(d_in, d_out)` computes `x @ (W * M).T + b`. The mask is a persistent buffer named
+``weight_mask`` (so it is in the state dict and travels with checkpoints) and the product happens
+in forward, so gradients reach only unmasked weights without any hook. The masked positions of
+``weight`` itself are kept at zero by the mask engine; export bakes the product into exact zeros.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MaskedLayer:
+    """Mixin: a weight layer with a ``weight_mask`` buffer and a target density."""
+
+    weight: nn.Parameter
+    weight_mask: torch.Tensor
+    target_density: float
+
+    def _init_mask(self) -> None:
+        self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool))
+        self.target_density = 1.0
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.weight_mask.to(self.weight.dtype)
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Install ``mask`` and zero the weights it removes (so they stay exact zeros)."""
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(self.weight.shape)}")
+        with torch.no_grad():
+            self.weight_mask.copy_(mask.to(torch.bool))
+            self.weight.mul_(self.weight_mask.to(self.weight.dtype))
+
+    @property
+    def density(self) -> float:
+        return float(self.weight_mask.sum()) / self.weight_mask.numel()
+
+    def extra_repr(self) -> str:  # shown by print(model)
+        return f"{super().extra_repr()}, density={self.density:.4f}"
+
+
+class MaskedLinear(MaskedLayer, nn.Linear):
+    """`nn.Linear` with a weight mask: y = x (W * M)^T + b."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, **kw)
+        self._init_mask()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.masked_weight(), self.bias)
+
+
+class _MaskedConv(MaskedLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.masked_weight(), self.bias)
+
+
+class MaskedConv1d(_MaskedConv, nn.Conv1d):
+    """`nn.Conv1d` with a weight mask."""
+
+    def __init__(self, *args, **kw) -> None:
+        nn.Conv1d.__init__(self, *args, **kw)
+        self._init_mask()
+
+
+class MaskedConv2d(_MaskedConv, nn.Conv2d):
+    """`nn.Conv2d` with a weight mask."""
+
+    def __init__(self, *args, **kw) -> None:
+        nn.Conv2d.__init__(self, *args, **kw)
+        self._init_mask()
+
+
+class MaskedConv3d(_MaskedConv, nn.Conv3d):
+    """`nn.Conv3d` with a weight mask."""
+
+    def __init__(self, *args, **kw) -> None:
+        nn.Conv3d.__init__(self, *args, **kw)
+        self._init_mask()
+
+
+_MASKED_CONV = {1: MaskedConv1d, 2: MaskedConv2d, 3: MaskedConv3d}
+_PLAIN_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+WEIGHT_LAYER_TYPES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def new_layer(layer: nn.Module, masked: bool = True, **overrides) -> nn.Module:
+    """A fresh layer with ``layer``'s hyper-parameters, optionally changed.
+
+    ``new_layer(conv, out_channels=2 * conv.out_channels)`` gives a `MaskedConv2d` with new
+    weights, initialised as the module type initialises them, and an all-ones mask;
+    ``masked=False`` gives the plain `nn.Conv2d`.
+    """
+    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    if isinstance(layer, nn.Linear):
+        args = dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None)
+        args.update(overrides)
+        return (MaskedLinear if masked else nn.Linear)(**args, **factory)
+    if isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed:
+        args = dict(in_channels=layer.in_channels, out_channels=layer.out_channels,
+                    kernel_size=layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                    dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
+                    padding_mode=layer.padding_mode)
+        args.update(overrides)
+        table = _MASKED_CONV if masked else _PLAIN_CONV
+        return table[len(layer.kernel_size)](**args, **factory)
+    raise TypeError(f"{type(layer).__name__} is not a Linear or Conv1d/2d/3d layer")
+
+
+def iter_masked(module: nn.Module) -> Iterator[Tuple[str, MaskedLayer]]:
+    """(qualified name, layer) for every masked layer under ``module``."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, MaskedLayer):
+            yield name, sub
+
+
+def masks(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """``{parameter name: bool mask}`` for every masked weight of ``module``.
+
+    >>> masks(result.module)["layer1.0.conv1.branches.0.layer.weight"].float().mean()  # density
+    """
+    return {f"{name}.weight" if name else "weight": layer.weight_mask for name, layer in iter_masked(module)}
+
+
+def masked_copy(layer: nn.Module) -> nn.Module:
+    """A masked layer computing exactly what ``layer`` computes (same weights, all-ones mask)."""
+    masked = new_layer(layer, masked=True)
+    with torch.no_grad():
+        masked.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            masked.bias.copy_(layer.bias)
+    masked.train(layer.training)
+    return masked
+
+
+def plain_copy(layer: nn.Module) -> nn.Module:
+    """The plain layer of a masked one, with the mask baked into exact (+0.0) zeros."""
+    plain = new_layer(layer, masked=False)
+    with torch.no_grad():
+        weight = layer.weight
+        if isinstance(layer, MaskedLayer):
+            weight = torch.where(layer.weight_mask, weight, torch.zeros((), dtype=weight.dtype))
+        plain.weight.copy_(weight)
+        if layer.bias is not None:
+            plain.bias.copy_(layer.bias)
+    plain.train(layer.training)
+    return plain

@@ -1,0 +1,85 @@
+"""The `CompilationUnit`: what every pass works on.
+
+It holds the GraphModule, the example inputs, the config, the analysis cache, a generation
+counter that every edit bumps (graph or masks), the names of the passes that ran, and the
+per-layer decisions the report shows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
+
+from .analyses.manager import AnalysisManager
+from .config import CompileConfig
+
+
+@dataclass
+class LayerDecision:
+    """What a pass did to one original weight layer, for the report."""
+
+    transform: str                  # "kept", "parallel", "factorized", "doped", "wide", "masked"
+    detail: str = ""                # "4 branches", "h=230", ...
+    notes: List[str] = field(default_factory=list)
+
+
+class CompilationUnit:
+    """A graph module plus everything passes share about it."""
+
+    def __init__(self, module: fx.GraphModule, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None,
+                 config: Optional[CompileConfig] = None) -> None:
+        self.module = module
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.config = config or CompileConfig()
+        self.generation = 0
+        self.analyses = AnalysisManager(self)
+        self.history: List[str] = []
+        self.decisions: Dict[str, LayerDecision] = {}
+        self.notes: List[str] = []
+        self.effective_sparsity: Optional[float] = None
+        self.baseline = None  # FlopCounts of the graph before any pass (the iso-FLOP target)
+        self.baseline_outputs = None  # output TensorSpecs before any pass
+        self.baseline_layers = None   # LayerTable before any pass
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.module.graph
+
+    def touch(self) -> None:
+        """Record that the graph or the masks changed: cached analyses become stale."""
+        self.generation += 1
+
+    def flat_inputs(self) -> List[Any]:
+        """The example inputs in the order of the graph's placeholders."""
+        return bind_placeholders(self.module, self.args, self.kwargs)
+
+    @property
+    def batch_size(self) -> int:
+        first = next((t for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)), None)
+        return int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+
+
+def bind_placeholders(gm: fx.GraphModule, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Any]:
+    """Map (args, kwargs) onto the placeholder nodes of ``gm`` (fx or torch.export graphs)."""
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        return list(fx_pytree.tree_flatten_spec((args, kwargs), info.in_spec))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values, positional = [], list(args)
+    for node in placeholders:
+        name = str(node.target).lstrip("*")
+        if name in kwargs:
+            values.append(kwargs[name])
+        elif positional:
+            values.append(positional.pop(0))
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            values.append(None)
+    return values
