@@ -16,6 +16,7 @@ from .passes.init_masks import InitMasksPass
 from .passes.sparse_doped import SparseDopedPass
 from .passes.sparse_factorized import SparseFactorizedPass
 from .passes.sparse_parallel import SparseParallelPass
+from .passes.sparse_wide import SparseWidePass
 from .passes.verify import VerifyPass
 
 PipelineFactory = Callable[[CompileConfig], List[Pass]]
@@ -68,3 +69,8 @@ def sparse_factorized_pipeline(config: CompileConfig) -> List[Pass]:
 @register_pipeline("sparse-doped")
 def sparse_doped_pipeline(config: CompileConfig) -> List[Pass]:
     return [SparseDopedPass(config.sparsity), *_finish()]
+
+
+@register_pipeline("sparse-wide")
+def sparse_wide_pipeline(config: CompileConfig) -> List[Pass]:
+    return [SparseWidePass(config.sparsity, config.round_to), *_finish()]

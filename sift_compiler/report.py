@@ -134,7 +134,9 @@ def build_report(unit, baseline_layers: LayerTable, final: FlopCounts, model: st
         if decision is None and masked:  # a compiled model measured as it is
             decision = LayerDecision("masked", f"density {sum(e.nnz for e in masked) / sum(e.numel for e in masked):.4f}")
         reason = layer.dense_reason(unit.config.transform) or ""
-        kept = decision is None
+        kept = decision is None or decision.transform == "kept"
+        if decision is not None and kept and decision.detail:
+            reason = f"{reason}; {decision.detail}"
         sparsity = 1.0 - sum(e.nnz for e in masked) / sum(e.numel for e in masked) if masked else 0.0
         layers.append(LayerReport(
             name=target, kind=layer.describe, shape=list(layer.weight_shape), dense_flops=dense,

@@ -12,11 +12,12 @@ not counted. Ops not in these rules are listed in ``uncounted`` (never silently 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .manager import Analysis
 from .ops import ELEMENTWISE_KINDS, NORM_KINDS, POOL_KINDS, op_kind, op_name
@@ -64,6 +65,19 @@ class FlopCounts:
         return {c: self.total(c, effective) for c in CATEGORIES}
 
 
+_NNZ_CACHE = WeakIdKeyDictionary()  # mask tensor -> (version, non-zeros)
+
+
+def mask_nnz(mask: torch.Tensor) -> int:
+    """Non-zeros of a mask, cached until the tensor is modified in place (its version changes)."""
+    cached = _NNZ_CACHE.get(mask)
+    if cached is not None and cached[0] == mask._version:
+        return cached[1]
+    count = int(torch.count_nonzero(mask))
+    _NNZ_CACHE[mask] = (mask._version, count)
+    return count
+
+
 def _numel(spec) -> int:
     return spec.numel if isinstance(spec, TensorSpec) else 0
 
@@ -74,7 +88,7 @@ def _weight_layer(gm, node, shapes: ShapeMap, module) -> Tuple[float, float, int
         return 0.0, 0.0, 0, 0
     weight = module.weight
     numel = weight.numel()
-    nnz = int(module.weight_mask.sum()) if isinstance(module, MaskedLayer) else numel
+    nnz = mask_nnz(module.weight_mask) if isinstance(module, MaskedLayer) else numel
     if isinstance(module, torch.nn.Linear):
         positions = out.numel // max(module.out_features, 1)
     elif getattr(module, "transposed", False):

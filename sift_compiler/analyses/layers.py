@@ -59,8 +59,9 @@ class WeightLayer:
             return "last weight layer in the data flow (head)"
         if self.keep_pattern is not None:
             return f"matches --keep-dense {self.keep_pattern!r}"
-        if self.depthwise and transform != "wide":
-            return "depthwise conv: kept dense (paper A.1.1)"
+        if self.depthwise:
+            return ("depthwise conv: widened with its group, kept dense" if transform == "wide"
+                    else "depthwise conv: kept dense (paper A.1.1)")
         return None
 
 

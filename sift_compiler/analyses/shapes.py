@@ -13,6 +13,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..errors import UnsupportedOpError, describe_node
+from ..sparsity.layers import WEIGHT_LAYER_TYPES, MaskedLayer
 from .manager import Analysis
 
 
@@ -39,6 +40,14 @@ class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.specs: Dict[str, Any] = {}
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if isinstance(module, MaskedLayer):
+            # The mask does not change shapes; skipping weight * mask saves real work on big layers.
+            base = next(t for t in WEIGHT_LAYER_TYPES if isinstance(module, t))
+            return base.forward(module, *args, **kwargs)
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         try:

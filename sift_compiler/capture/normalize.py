@@ -162,6 +162,9 @@ RULES: Dict[Any, tuple] = {
         ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps"), {"training": False},
         _batch_norm),
     aten.dropout.default: (("input", "p", "train"), {}, _dropout),
+    F.batch_norm: (("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                   {}, _batch_norm),
+    F.dropout: (("input", "p", "training"), {"p": 0.5, "training": True}, _dropout),
 }
 
 

@@ -73,7 +73,36 @@ def _fx_capture(model: nn.Module, kwargs: Dict[str, Any]) -> fx.GraphModule:
         if name not in kwargs and p.default is not inspect.Parameter.empty and p.kind not in (
                 p.VAR_POSITIONAL, p.VAR_KEYWORD):
             concrete[name] = p.default
-    return symbolic_trace(model, concrete_args=concrete or None)
+    # Traced in eval mode: Python branches on self.training are frozen by tracing, and the eval
+    # path is the one the captured graph must reproduce exactly. Functional batch_norm/dropout
+    # become modules in normalize, so train()/eval() still switch them afterwards.
+    was_training = model.training
+    model.eval()
+    try:
+        gm = symbolic_trace(model, concrete_args=concrete or None)
+    finally:
+        model.train(was_training)
+    gm.train(was_training)
+    _drop_concrete_arg_guards(gm)
+    return gm
+
+
+def _drop_concrete_arg_guards(gm: fx.GraphModule) -> None:
+    """symbolic_trace guards each concrete argument (``assert is_causal == False``); the guards
+    compare Python values to placeholders, which the TorchScript ONNX exporter cannot trace."""
+    from torch.fx._symbolic_trace import _assert_is_none
+    placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    guards = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (torch._assert, _assert_is_none)
+              and any(a in placeholders or any(b in placeholders for b in a.all_input_nodes)
+                      for a in n.all_input_nodes)]
+    for guard in guards:
+        inputs = guard.all_input_nodes
+        gm.graph.erase_node(guard)
+        for node in inputs:
+            if node.op == "call_function" and not node.users:
+                gm.graph.erase_node(node)
+    if guards:
+        gm.recompile()
 
 
 def _batch_of_two(args: Tuple[Any, ...], kwargs: Dict[str, Any]):
@@ -161,6 +190,7 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
                 "code traceable (no Python control flow on tensor values), or mark the module as a leaf "
                 "with `sift_compiler.capture.leaf_module`.") from e
     modularize_functional_ops(gm)
+    gm.train(original.training)  # modules made from baked train/eval flags follow the model's mode
     if verify:
         check_capture(gm, args, kwargs, reference, type(original).__name__)
     return CaptureResult(gm, used, fx_error)

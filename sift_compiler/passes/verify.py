@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from ..analyses.flops import FlopAnalysis
+from ..analyses.flops import FlopAnalysis, mask_nnz
 from ..analyses.layers import LayerAnalysis
 from ..analyses.shapes import ShapeAnalysis
 from ..errors import PassError
@@ -30,8 +30,9 @@ class VerifyPass(Pass):
                 raise PassError(f"mask of {name!r} has shape {tuple(layer.weight_mask.shape)}, weight "
                                 f"{tuple(layer.weight.shape)}")
             expected = exact_count(layer.target_density, layer.weight.numel())
-            if layer.target_density < 1 and int(layer.weight_mask.sum()) != expected:
-                raise PassError(f"mask of {name!r} has {int(layer.weight_mask.sum())} non-zeros, expected {expected}")
+            actual = mask_nnz(layer.weight_mask)
+            if layer.target_density < 1 and actual != expected:
+                raise PassError(f"mask of {name!r} has {actual} non-zeros, expected {expected}")
         counts = unit.analyses.get(FlopAnalysis)
         if unit.baseline is not None and unit.config.transform != "none" and unit.baseline.weight_dense > 0:
             ratio = counts.weight_effective / unit.baseline.weight_dense

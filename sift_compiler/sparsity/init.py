@@ -8,6 +8,8 @@ other layers exist or on the order they are visited.
 from __future__ import annotations
 
 import zlib
+
+import numpy as np
 from typing import Dict
 
 import torch
@@ -21,19 +23,21 @@ def exact_count(density: float, numel: int) -> int:
     return min(numel, max(1, int(round(density * numel))))
 
 
-def layer_generator(seed: int, name: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
+def layer_generator(seed: int, name: str) -> np.random.Generator:
+    """The random stream of one layer: a function of (seed, layer name) only."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def random_mask(shape, density: float, generator: torch.Generator) -> torch.Tensor:
+def random_mask(shape, density: float, generator: np.random.Generator) -> torch.Tensor:
     """A bool mask of ``shape`` with exactly `exact_count` true entries at random positions."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    keep = torch.randperm(numel, generator=generator)[:exact_count(density, numel)]
-    mask = torch.zeros(numel, dtype=torch.bool)
-    mask[keep] = True
-    return mask.view(shape)
+    numel = int(np.prod(shape))
+    keep = exact_count(density, numel)
+    # Draw the smaller side (kept or removed positions): sampling without replacement costs O(k).
+    flip = keep > numel // 2
+    chosen = generator.choice(numel, numel - keep if flip else keep, replace=False)
+    mask = np.full(numel, flip, dtype=bool)
+    mask[chosen] = not flip
+    return torch.from_numpy(mask).view(tuple(shape))
 
 
 def init_masks(module: nn.Module, seed: int = 0, only_fresh: bool = True) -> Dict[str, int]:

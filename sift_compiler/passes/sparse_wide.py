@@ -1,0 +1,258 @@
+"""Sparse Wide: every coupled channel group k = sqrt(1 / (1 - s)) times wider, layers sparse.
+
+A Linear/Conv widened on both sides costs k^2 (1 - s) = 1 times its dense FLOPs. Widening one
+layer's outputs forces every consumer of those channels to widen its inputs, so the pass widens
+*groups* from `ChannelCouplingAnalysis`, never single layers:
+
+1. each free group gets round(k * size) channels, rounded to a multiple that keeps it valid
+   (``round_to``, the groups of grouped convs and GroupNorms, and the number of attention heads for
+   the residual stream that feeds q/k/v projections: the paper's Table 14 rounds d_model = 1092);
+   composed axes (cat, flatten, heads x head_dim) follow from their parts; the model's inputs and
+   outputs, and groups touched by ops without a coupling rule, keep their size (see the notes);
+2. every module on a widened axis is rebuilt at its new size with fresh initialisation, as its
+   type initialises (a module whose sizes do not change keeps its weights, so s = 0 is the dense
+   model); parameters read by the graph (class tokens, position embeddings) are redrawn with the
+   original's standard deviation; literal sizes in views and splits are rewritten;
+3. Linear/Conv layers become masked, except the first and last weight layers, depthwise convs
+   (widened with their group, dense: their FLOPs grow by k, not k^2) and ``--keep-dense`` matches.
+The global compensation then sets the sparsity s' that makes the model iso-FLOP.
+
+::
+
+    x -> conv(64->64) -> BN(64) -> ... ==> x -> sparse conv(91->91) -> BN(91) -> ...   (s = 0.5)
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..analyses.axes import Prod, Sum, Sym
+from ..analyses.coupling import ChannelCouplingAnalysis, CouplingResult, getattr_path
+from ..analyses.layers import LayerAnalysis
+from ..analyses.ops import module_kind
+from ..analyses.shapes import ShapeAnalysis
+from ..errors import PassError
+from ..sparsity.layers import MaskedLayer, masked_copy, new_layer
+from ..unit import LayerDecision
+from .base import Pass, PassResult
+from .graph_edit import finish_edits
+from .rewrite import round_to_multiple
+
+
+def widening_factor(sparsity: float) -> float:
+    """k = sqrt(1 / (1 - s))."""
+    return math.sqrt(1.0 / (1.0 - sparsity))
+
+
+def _heads(axes, expr, depth: int = 0):
+    """The head count if ``expr`` is (a sum of) heads x head_dim, else None."""
+    if depth > 8:
+        return None
+    if isinstance(expr, Sym):
+        definition = axes.definition.get(axes.root(expr))
+        return _heads(axes, definition, depth + 1) if definition is not None else None
+    if isinstance(expr, Prod) and len(expr.factors) >= 2:
+        return axes.original(expr.factors[-2])
+    if isinstance(expr, Sum):
+        found = [_heads(axes, term, depth + 1) for term in expr.terms]
+        return next((h for h in found if h), None)
+    return None
+
+
+def _heads_rule(coupling: CouplingResult) -> None:
+    """The residual stream feeding q/k/v projections rounds to a multiple of the heads."""
+    axes = coupling.axes
+    for entry in coupling.modules.values():
+        if "in" not in entry or "out" not in entry or entry.get("depthwise"):
+            continue
+        heads = _heads(axes, entry["out"])
+        if heads and heads > 1:
+            axes.require_multiple(entry["in"], heads)
+
+
+class SparseWidePass(Pass):
+    """Widen every coupled channel group by k and mask the widened layers (module docstring)."""
+
+    name = "sparse-wide"
+
+    def __init__(self, sparsity: float, round_to: int = 1) -> None:
+        self.sparsity = sparsity
+        self.round_to = round_to
+        self.factor = widening_factor(sparsity)
+
+    def call(self, unit) -> PassResult:
+        coupling = unit.analyses.get(ChannelCouplingAnalysis)
+        table = unit.analyses.get(LayerAnalysis)
+        _heads_rule(coupling)
+        axes = coupling.axes
+
+        def widen(root: int, size: int, multiple: int) -> int:
+            multiple = math.lcm(multiple, self.round_to)
+            return round_to_multiple(size * self.factor, multiple, minimum=multiple)
+        size_of = axes.solve(widen)
+        gm = unit.module
+        rebuilt = self._rebuild_modules(unit, coupling, table, size_of)
+        self._rebuild_params(gm, coupling, size_of, rebuilt)
+        self._rewrite_literals(gm, coupling, size_of)
+        self._rescale_attention(gm, coupling, size_of)
+        unit.notes.extend(self._group_notes(coupling, size_of))
+        unit.notes.extend(dict.fromkeys(coupling.notes))
+        finish_edits(unit)
+        return PassResult(True)
+
+    # -- modules -------------------------------------------------------------------------
+    def _rebuild_modules(self, unit, coupling, table, size_of) -> Dict[str, nn.Module]:
+        gm = unit.module
+        new_params: Dict[int, nn.Parameter] = {}  # id(old weight) -> new weight, keeps ties
+        rebuilt: Dict[str, nn.Module] = {}
+        for path, entry in coupling.modules.items():
+            module = gm.get_submodule(path)
+            layer = table.layers.get(path)
+            replacement, detail = self._resize(module, entry, size_of, layer)
+            old_weight = getattr(module, "weight", None)
+            if isinstance(old_weight, nn.Parameter) and replacement is not module:
+                tied = new_params.get(id(old_weight))
+                if tied is not None and tied.shape == replacement.weight.shape:
+                    replacement.weight = tied
+                else:
+                    new_params[id(old_weight)] = replacement.weight
+            if replacement is not module:
+                gm.add_submodule(path, replacement)
+                rebuilt[path] = replacement
+            if layer is not None and layer.kind in ("linear", "conv"):
+                unit.decisions[path] = LayerDecision("wide" if _is_masked(replacement) else "kept", detail)
+        return rebuilt
+
+    def _resize(self, module: nn.Module, entry, size_of, layer) -> Tuple[nn.Module, str]:
+        kind = module_kind(module)
+        if kind in ("linear", "conv"):
+            old = (module.in_features, module.out_features) if kind == "linear" else \
+                (module.in_channels, module.out_channels)
+            new_in, new_out = size_of(entry["in"]), size_of(entry["out"])
+            sparse = layer is not None and layer.dense_reason("wide") is None
+            detail = f"in {old[0]}->{new_in}, out {old[1]}->{new_out}" + ("" if sparse else ", dense")
+            if (new_in, new_out) == old:
+                return (masked_copy(module) if sparse else module), detail
+            if kind == "linear":
+                return new_layer(module, masked=sparse, in_features=new_in, out_features=new_out), detail
+            groups = new_in if entry.get("depthwise") else module.groups
+            if new_in % groups or new_out % groups:
+                raise PassError(f"widened conv {layer.target if layer else ''} {new_in}->{new_out} is not "
+                                f"divisible by its {groups} groups")
+            return new_layer(module, masked=sparse, in_channels=new_in, out_channels=new_out,
+                             groups=groups), detail
+        factory = {"device": module.weight.device if getattr(module, "weight", None) is not None else None}
+        if kind in ("batch_norm", "instance_norm"):
+            n = size_of(entry["features"])
+            if n == module.num_features:
+                return module, ""
+            return type(module)(n, eps=module.eps, momentum=module.momentum, affine=module.affine,
+                                track_running_stats=module.track_running_stats, **factory).train(module.training), ""
+        if kind == "group_norm":
+            n = size_of(entry["features"])
+            return (module, "") if n == module.num_channels else \
+                (nn.GroupNorm(module.num_groups, n, eps=module.eps, affine=module.affine, **factory), "")
+        if kind in ("layer_norm", "rms_norm"):
+            shape = tuple(size_of(e) for e in entry["shape"])
+            if shape == tuple(module.normalized_shape):
+                return module, ""
+            if kind == "rms_norm":
+                return nn.RMSNorm(shape, eps=module.eps, elementwise_affine=module.elementwise_affine, **factory), ""
+            return nn.LayerNorm(shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
+                                bias=getattr(module, "bias", None) is not None, **factory), ""
+        if kind == "embedding":
+            dim = size_of(entry["dim"])
+            return (module, "") if dim == module.embedding_dim else \
+                (nn.Embedding(module.num_embeddings, dim, padding_idx=module.padding_idx, **factory), "")
+        return module, ""
+
+    # -- parameters, literals ------------------------------------------------------------
+    def _rebuild_params(self, gm, coupling: CouplingResult, size_of, rebuilt: Dict[str, nn.Module]) -> None:
+        done: Dict[int, torch.Tensor] = {}
+        for target, exprs in coupling.params.items():
+            owner_path, _, attr = target.rpartition(".")
+            if any(owner_path == p or owner_path.startswith(p + ".") for p in rebuilt):
+                continue  # a weight of a module that was rebuilt
+            old = getattr_path(gm, target)
+            shape = tuple(size_of(e) for e in exprs)
+            if shape == tuple(old.shape):
+                continue
+            new = done.get(id(old))
+            if new is None:
+                new = _redraw(old, shape)
+                done[id(old)] = new
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            if isinstance(old, nn.Parameter):
+                setattr(owner, attr, new if isinstance(new, nn.Parameter) else
+                        nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                owner._buffers[attr] = new
+
+    def _rewrite_literals(self, gm, coupling: CouplingResult, size_of) -> None:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for literal in coupling.literals:
+            new = size_of(literal.expr)
+            if new == literal.value:
+                continue
+            node = nodes[literal.node]
+            args = list(node.args)
+            if literal.slot is None:
+                args[literal.index] = new
+            else:
+                inner = list(args[literal.index])
+                inner[literal.slot] = new
+                args[literal.index] = type(node.args[literal.index])(inner)
+            node.args = tuple(args)
+
+    def _rescale_attention(self, gm, coupling: CouplingResult, size_of) -> None:
+        """With head_dim widened, an explicit sdpa scale 1/sqrt(d) follows the new d."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for name, head_dim in coupling.sdpa_scales:
+            old, new = coupling.axes.original(head_dim), size_of(head_dim)
+            if old != new:
+                node = nodes[name]
+                node.kwargs = {**node.kwargs, "scale": node.kwargs["scale"] * math.sqrt(old / new)}
+
+    def _group_notes(self, coupling: CouplingResult, size_of) -> List[str]:
+        axes = coupling.axes
+        channel_roots = {axes.root(e) for entry in coupling.modules.values() for key, e in entry.items()
+                         if key in ("in", "out", "features", "dim") and hasattr(e, "id")}
+        widened = Counter()
+        for root in channel_roots:
+            if root not in axes.pinned and root not in axes.definition:
+                widened[(axes.size[root], size_of(Sym(root)))] += 1
+        notes = [f"k = {self.factor:.4f}; channel groups widened: " + ", ".join(
+            f"{a}->{b}" + (f" (x{n})" if n > 1 else "") for (a, b), n in sorted(widened.items()))]
+        kept = Counter(axes.pinned[r] for r in channel_roots if r in axes.pinned
+                       and axes.pinned[r] not in ("model input", "model output"))
+        notes += [f"kept at width ({n} group{'s' if n > 1 else ''}): {why}" for why, n in kept.most_common(8)]
+        return notes
+
+    def ensures(self, unit) -> None:
+        try:
+            outputs = unit.analyses.get(ShapeAnalysis).outputs(unit.module)
+        except Exception as e:
+            raise PassError(f"the widened graph does not propagate shapes: {e}") from e
+        if unit.baseline_outputs is not None and outputs != unit.baseline_outputs:
+            raise PassError(f"output shapes changed from {unit.baseline_outputs} to {outputs}")
+
+
+def _is_masked(module: nn.Module) -> bool:
+    return isinstance(module, MaskedLayer)
+
+
+def _redraw(old: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """A tensor of the new shape drawn like the old one: N(0, std(old)), or its constant value."""
+    with torch.no_grad():
+        values = old.detach().float()
+        std = float(values.std()) if values.numel() > 1 else 0.0
+        if std > 0:
+            new = torch.randn(shape, dtype=torch.float32) * std
+        else:
+            new = torch.full(shape, float(values.flatten()[0]) if values.numel() else 0.0)
+    new = new.to(old.dtype)
+    return nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
