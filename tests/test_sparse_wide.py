@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import sift_compiler as sift
+from sift_compiler.errors import PassError
 from sift_compiler.capture.sources import load_model
 from sift_compiler.passes.sparse_wide import widening_factor
 from sift_compiler.testing import assert_masks_exact
@@ -140,13 +141,17 @@ class RandomNet(nn.Module):
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=st.lists(st.sampled_from(["residual", "concat", "conv"]), min_size=1, max_size=4),
-       width=st.sampled_from([8, 12, 16]), groups=st.sampled_from([1, 2, 4]),
+       width=st.sampled_from([32, 48]), groups=st.sampled_from([1, 2, 4]),
        sparsity=st.sampled_from([0.5, 0.75, 0.9]))
 def test_random_graphs_widen_consistently(plan, width, groups, sparsity):
     torch.manual_seed(0)
     model = RandomNet(plan, width, groups)
     x = torch.randn(2, 3, 8, 8)
-    result = sift.compile(model, "wide", sparsity, (x,))
+    try:
+        result = sift.compile(model, "wide", sparsity, (x,))
+    except PassError as e:  # a stem that outweighs the rest cannot be paid for once widened
+        assert "no sparsity can make this model iso-FLOP" in str(e)
+        assume(False)
     out = result.module(x)
     assert out.shape == (2, 7)
     out.sum().backward()
@@ -156,4 +161,4 @@ def test_random_graphs_widen_consistently(plan, width, groups, sparsity):
             assert module.in_channels % module.groups == 0 and module.out_channels % module.groups == 0, name
     # widened: the stem's output group grew
     assert result.module.get_submodule("stem").out_channels > width
-    assert abs(result.report.flop_ratio - 1) < 0.02  # tiny layers: per-layer rounding is coarse
+    assert abs(result.report.flop_ratio - 1) < 0.005

@@ -1,0 +1,66 @@
+"""Compile time of sift-compiler against the cheapest way to capture a model, measured side by side.
+
+For each model: t_compile = sift.compile(model, T, 0.75, inputs); t_base = a plain capture of the
+model with the tracer it needs (torch.fx.symbolic_trace; torch.export.export for transformers 5.x,
+which fx cannot trace) plus one forward pass of the dense model. Target: t_compile / t_base <= 3.
+
+    python benchmarks/compile_time.py [--transform parallel] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+import warnings
+
+import torch
+
+import sift_compiler as sift
+from sift_compiler.capture.sources import load_model
+
+MODELS = {
+    "resnet50": ("torchvision:resnet50", (1, 3, 224, 224)),
+    "vit_b_16": ("torchvision:vit_b_16", (1, 3, 224, 224)),
+    "gpt2": ("transformers:gpt2", (1, 128)),
+}
+
+
+def baseline(source) -> float:
+    model = source.module.eval()
+    start = time.perf_counter()
+    if source.family == "transformers":
+        torch.export.export(model, (), source.kwargs, strict=False)
+    else:
+        torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        model(*source.args, **source.kwargs)
+    return time.perf_counter() - start
+
+
+def compile_time(source, transform: str) -> float:
+    start = time.perf_counter()
+    sift.compile(source.module, transform, 0.75, source.args, source.kwargs)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--transform", default="parallel")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N for both timings")
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; transform {args.transform}, s = 0.75")
+    print(f"{'model':<10}{'capture+forward s':>20}{'sift.compile s':>16}{'ratio':>8}")
+    for name in args.models:
+        spec, shape = MODELS[name]
+        source = load_model(spec, input_shape=shape)
+        base = min(baseline(source) for _ in range(args.repeats))
+        sift_time = min(compile_time(source, args.transform) for _ in range(args.repeats))
+        print(f"{name:<10}{base:>20.2f}{sift_time:>16.2f}{sift_time / base:>8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
