@@ -55,7 +55,7 @@ def save(result, path: str) -> None:
         "capture_method": result.capture_method,
         "inputs": {"args": [_describe_input(a) for a in unit.args],
                    "kwargs": {k: _describe_input(v) for k, v in unit.kwargs.items()}},
-        "versions": {"sift_compiler": _version(), "torch": torch.__version__},
+        "versions": {"sift_compiler": _version(), "torch": str(torch.__version__)},
     }
     state = {k: v.detach().cpu().clone() for k, v in result.module.state_dict().items()}
     with atomic_path(path) as tmp:

@@ -211,7 +211,8 @@ class _Builder:
         if kind in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"):
             return self.pool(node, x)
         if kind == "flatten":
-            return self.view_like(node, x, [], None)
+            from .coupling_rules import view_axes
+            return view_axes(self, node, x, None)
         return self.opaque(node, f"module {type(module).__name__} has no coupling rule")
 
     def _tie(self, weight: torch.Tensor, axes: Tuple[Expr, ...], where: str) -> None:

@@ -165,6 +165,9 @@ def read_model_file(path: str, trust_pickle: bool) -> nn.Module:
         raise ModelLoadError(f"model file {path!r} does not exist")
     if os.path.isdir(path):
         raise ModelLoadError(f"{path!r} is a directory, not a model file")
+    if not _looks_like_torch_save(path):
+        raise ModelLoadError(f"cannot read model file {path!r}: not a file written by torch.save "
+                             "(neither a torch zip archive nor a pickle)")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights-only unpickling refuses code objects: a full pickle
@@ -190,6 +193,15 @@ def read_model_file(path: str, trust_pickle: bool) -> nn.Module:
             f"{path!r} holds a state dict ({len(content)} tensors), not a model: name the architecture as MODEL "
             "and pass the file as --weights (e.g. sift-compile torchvision:resnet18 --weights FILE).")
     raise ModelLoadError(f"{path!r} holds a {type(content).__name__}, not a torch.nn.Module")
+
+
+def _looks_like_torch_save(path: str) -> bool:
+    """torch.save writes a zip archive (or, in the legacy format, a pickle: protocol byte 0x80)."""
+    import zipfile
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def load_weights(model: nn.Module, path: str) -> None:
