@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export NM_DISABLE_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test demo bench clean lint
+.PHONY: venv test demo bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,16 +18,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 venv: $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest -n 2 --timeout 900 -q
+	$(PY) -m pytest -n 2 --dist loadgroup --timeout 900 -q
 
 demo: venv
 	$(PY) examples/demo.py
 
 bench: venv
 	$(PY) benchmarks/compile_time.py
-
-lint: venv
-	$(PY) tools/check_file_sizes.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out

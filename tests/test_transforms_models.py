@@ -17,9 +17,14 @@ from model_zoo import MODELS
 
 TRANSFORMS = ["parallel", "factorized", "doped", "wide"]
 SPARSITIES = [0.5, 0.75, 0.9]
-# ONNX files over ~1.5 GB (vit_b_16 with 10 parallel branches) are covered by the exporter's own tests.
-ONNX_PARAM_LIMIT = 300_000_000
+# Over 150M parameters (vit_b_16 and resnet50 at s = 0.9: 0.6 to 3.4 GB of ONNX) the export costs
+# most of the CI budget; the same graphs at s = 0.5 / 0.75 and the exporter's own tests
+# (external data included) cover them.
+ONNX_PARAM_LIMIT = 150_000_000
 _DENSE = {}
+# Up to ~900M parameters at s = 0.9 (weights, masks, gradients): one xdist worker runs them all,
+# so two never share the memory at once (make test uses --dist loadgroup).
+BIG, BIG_MODELS = "big-models", ("vit_b_16", "resnet50")
 
 
 def _dense(name):
@@ -37,7 +42,8 @@ def _dense(name):
 
 @pytest.mark.parametrize("sparsity", SPARSITIES, ids=lambda s: f"s{s}")
 @pytest.mark.parametrize("transform", TRANSFORMS)
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(BIG)) if n in BIG_MODELS else n
+                                  for n in MODELS])
 def test_transform_invariants(name, transform, sparsity, tmp_path):
     case, dense_shapes = _dense(name)
     result = sift.compile(case.model, transform, sparsity, case.args, case.kwargs)
@@ -62,7 +68,8 @@ def test_transform_invariants(name, transform, sparsity, tmp_path):
     with torch.no_grad():
         expected = [t.numpy() for t in tensors(module(*case.args, **case.kwargs))]
     path = str(tmp_path / "model.onnx")
-    info = sift.export_onnx(module, case.args, path, case.kwargs)
+    # the exporter's own checks (DeepSparse included) run in tests/test_export_*; here: onnxruntime vs torch
+    info = sift.export_onnx(module, case.args, path, case.kwargs, verify=False)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     feed = {n: t.numpy() for n, t in zip(info.input_names, tensors((case.args, case.kwargs)))}
     assert_allclose_outputs(session.run(None, feed), expected)

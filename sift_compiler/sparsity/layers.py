@@ -4,6 +4,18 @@
 ``weight_mask`` (so it is in the state dict and travels with checkpoints) and the product happens
 in forward, so gradients reach only unmasked weights without any hook. The masked positions of
 ``weight`` itself are kept at zero by the mask engine; export bakes the product into exact zeros.
+
+Dense-gradient mode (``layer.dense_grad = True``, set by the RigL engine on the steps before a
+mask update): forward computes ``W - (W * ~M).detach()``, the same value as ``W * M`` but with
+gradient 1 everywhere, so ``weight.grad`` holds the dense gradient dL/d(W*M) that RigL grows
+from. Because it arrives in ``weight.grad``, DistributedDataParallel's own all-reduce averages it
+and every rank sees the same dense gradient without any extra communication.
+
+Engine-managed mode (``layer.engine_managed = True``, set while a mask engine trains the layer):
+the engine keeps the weights exactly zero off the mask after every step, so in eager mode the
+forward uses ``W`` itself (no product tensor per forward, which costs several percent of a CPU
+training step) and only the backward multiplies the gradient by the mask. Outputs and gradients
+are the same as with ``W * M``. Traced, scripted and compiled code always computes ``W * M``.
 """
 from __future__ import annotations
 
@@ -14,19 +26,68 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _tracing() -> bool:
+    """True under torch.compile/export, TorchScript and FX symbolic tracing."""
+    fx_trace = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None)  # newer torch; no warning
+    if fx_trace is None:
+        fx_trace = torch.fx._symbolic_trace.is_fx_tracing
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or fx_trace())
+
+
+class _MaskGradient(torch.autograd.Function):
+    """Forward: the weight as it is (zero off the mask); backward: the gradient times the mask."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
 class MaskedLayer:
     """Mixin: a weight layer with a ``weight_mask`` buffer and a target density."""
 
     weight: nn.Parameter
     weight_mask: torch.Tensor
     target_density: float
+    dense_grad: bool = False       # straight-through mode, see the module docstring
+    engine_managed: bool = False   # weights are zero off the mask (a mask engine guarantees it)
 
     def _init_mask(self) -> None:
         self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.target_density = 1.0
 
     def masked_weight(self) -> torch.Tensor:
-        return self.weight * self.weight_mask.to(self.weight.dtype)
+        managed = self.engine_managed and not _tracing()
+        if self.dense_grad:
+            if managed:
+                return self.weight  # already zero off the mask: the value is W * M, the gradient dense
+            # value W*M exactly (w - w == 0 for finite w), gradient to W dense
+            return self.weight - (self.weight * (~self.weight_mask).to(self.weight.dtype)).detach()
+        if managed:
+            return _MaskGradient.apply(self.weight, self.float_mask())
+        return self.weight * self.float_mask()
+
+    def float_mask(self) -> torch.Tensor:
+        """The mask as 0/1 in the weight's dtype and device.
+
+        In eager mode it is cached until the mask changes in place (its version counter moves:
+        set_mask, load_state_dict, copy_): converting a bool mask costs as much as the product
+        itself, on every forward. Traced, scripted and compiled code converts inline.
+        """
+        mask, weight = self.weight_mask, self.weight
+        if _tracing():
+            return mask.to(weight.dtype)
+        cache = self.__dict__.get("_float_mask_cache")
+        if (cache is None or cache[0] is not mask or cache[1] != mask._version or cache[2].dtype != weight.dtype
+                or cache[2].device != weight.device):
+            cache = (mask, mask._version, mask.to(weight.dtype))
+            self.__dict__["_float_mask_cache"] = cache
+        return cache[2]
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Install ``mask`` and zero the weights it removes (so they stay exact zeros)."""

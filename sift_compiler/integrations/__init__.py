@@ -1,0 +1,1 @@
+"""Bridges to other training stacks (SparseML recipes). Each module imports its stack lazily."""
