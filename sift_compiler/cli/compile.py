@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks (default 0)")
     p.add_argument("--activation", choices=ACTIVATIONS, default="auto",
                    help="sigma after sparse Linear layers (default: the model's own)")
+    p.add_argument("--linear-norm", action="store_true",
+                   help="add a LayerNorm to sigma after sparse Linear layers (Parallel, Factorized)")
     p.add_argument("--round-to", type=int, default=1, help="Sparse Wide: round widened channels to this multiple")
     p.add_argument("--attention-width", choices=("keep", "scale"), default="keep",
                    help="Sparse Wide on attention: keep heads x head_dim (paper), or scale it with d_model")
@@ -68,10 +70,13 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     shape = parse_input_shape(args.input_shape) if args.input_shape else None
     dtype = parse_dtype(args.input_dtype) if args.input_dtype else None
     print(f"sift-compile: loading {args.model}", file=sys.stderr, flush=True)
+    import torch
+    torch.manual_seed(args.seed)  # random-weight models are reproducible (sift-check --against SPEC)
     source = load_model(args.model, shape, dtype, trust_pickle=args.trust_pickle, weights=args.weights)
     print(f"sift-compile: compiling ({args.transform}, input {source.describe_input()})", file=sys.stderr, flush=True)
     result = sift_compile(source.module, args.transform, sparsity, source.args, source.kwargs, seed=args.seed,
-                          keep_dense=args.keep_dense, activation=args.activation, round_to=args.round_to,
+                          keep_dense=args.keep_dense, activation=args.activation, linear_norm=args.linear_norm,
+                          round_to=args.round_to,
                           attention_width=args.attention_width, progress=sys.stderr if args.verbose else None,
                           model_name=args.model,
                           source={"spec": args.model, "family": source.family, "weights": args.weights})
@@ -104,6 +109,8 @@ def _write_onnx(result, source, args, written) -> None:
         raise ExportError(f"{args.onnx}: onnxruntime outputs have shapes {actual}, the dense model {expected}")
     for note in info.notes:
         print(f"sift-compile: note: {note}", file=sys.stderr)
+    if getattr(info, "verification", None) is not None and not args.quiet:
+        print(info.verification.table())
 
 
 def _leaves(tree):

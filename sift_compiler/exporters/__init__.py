@@ -1,4 +1,12 @@
-"""Exporters: masked ONNX (exact zeros) and the runtimes that check and time it."""
-from .onnx import ExportInfo, bake_masks, export_onnx
+"""Exporters: masked ONNX (exact zeros), its verification, and the runtimes that check and time it.
 
-__all__ = ["ExportInfo", "bake_masks", "export_onnx"]
+>>> info = export_onnx(result.module, (x,), "model.onnx")     # written, verified (exporters.checks)
+>>> verify_onnx("model.onnx", {"input": x.numpy()}).ok        # the same checks on any file
+"""
+from .checks import Check, Verification, verify_onnx
+from .forms import DEFAULT_FORM, FORMS, apply_form
+from .onnx import ExportInfo, bake_masks, export_onnx
+from .runtimes import ENGINES, deepsparse_status, open_engine
+
+__all__ = ["ExportInfo", "bake_masks", "export_onnx", "verify_onnx", "Verification", "Check", "apply_form",
+           "FORMS", "DEFAULT_FORM", "ENGINES", "deepsparse_status", "open_engine"]

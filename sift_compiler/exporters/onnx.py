@@ -1,16 +1,31 @@
-"""Masked ONNX export: masks folded into the weights as exact +0.0 zeros.
+"""Masked ONNX export: masks folded into the weights as exact +0.0 zeros, then verified.
 
-``export_onnx(module, (x,), "model.onnx")`` copies the module, replaces every masked layer with
-the plain layer holding ``where(mask, W, 0)``, and exports with the TorchScript exporter
-(``dynamo=False``, opset 13 to 17: what DeepSparse 1.8 and onnxruntime both load; IR <= 9), with a
-dynamic batch axis and Conv+BatchNorm folded. Folding multiplies rows by a scale that may be
-negative, which turns +0.0 into -0.0; a final pass rewrites every -0.0 initializer entry to +0.0
-so sparsity detectors that compare bits see zeros. The file is written atomically.
+``export_onnx(module, (x,), "model.onnx")``:
+
+1. writes Sparse Parallel layers in the export form ``form`` (`exporters.forms`; default
+   ``stacked-conv``: one wide sparse conv and a fixed 1x1 conv that sums the branches), an equal
+   function that DeepSparse runs steadily and, unlike summed convs, correctly;
+2. replaces every masked layer with the plain layer holding ``where(mask, W, 0)``;
+3. exports with the TorchScript exporter (``dynamo=False``, opset 13 to 17: what DeepSparse 1.8
+   and onnxruntime both load, IR <= 9) with a dynamic batch axis and Conv+BatchNorm folded.
+   Folding scales rows, so zeros stay zeros, but a negative scale turns +0.0 into -0.0: every
+   -0.0 is rewritten to +0.0 so detectors that compare bits see zeros;
+4. records in the file's metadata which initializer holds which sparse layer (``sift.layers``)
+   and what the inputs are (``sift.inputs``), so `sift-check` can test the file on its own;
+5. writes the weights to one external ``<name>.data`` file when they pass 2 GB (protobuf's
+   limit), or when ``external_data=True``;
+6. verifies the written file (`exporters.checks`: onnx checker, per-layer sparsity, onnxruntime
+   against torch, DeepSparse compiles it and agrees with onnxruntime) and, with ``strict``,
+   refuses to publish a file that fails. If DeepSparse disagrees on a ``form="auto"`` export that
+   kept branches, it exports again as ``stacked-conv``. Files appear whole, verified, or not at all.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -22,21 +37,35 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..errors import ExportError, UserInputError
-from ..io import atomic_path, check_writable
-from ..sparsity.layers import MaskedLayer, iter_masked, plain_copy
+from ..io import check_writable
+from ..sparsity.layers import iter_masked, plain_copy
 from ..unit import bind_placeholders
+from .checks import DEFAULT_RTOL, Verification, verify_onnx
+from .forms import DEFAULT_FORM, FORMS, SAFE_FORM, apply_form
+from .inputs import inputs_metadata
+from .weights import (META_EXPORT, META_INPUTS, META_LAYERS, LayerSparsity, layer_patterns, layers_to_metadata,
+                      match_layers, set_metadata)
 
 SUPPORTED_OPSETS = range(13, 18)
+PROTOBUF_LIMIT = 2 ** 31 - 1
+# Weights above this go to external data: the graph, names and metadata need room under 2 GB too.
+EXTERNAL_DATA_THRESHOLD = int(1.9 * 2 ** 30)
 
 
 @dataclass
 class ExportInfo:
+    """What `export_onnx` wrote and what it found when it checked the file."""
+
     path: str
     opset: int
     ir_version: int
     input_names: List[str]
     output_names: List[str]
     notes: List[str] = field(default_factory=list)
+    form: str = DEFAULT_FORM
+    data_path: Optional[str] = None                 # the external data file, if any
+    layers: List[LayerSparsity] = field(default_factory=list)
+    verification: Optional[Verification] = None
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -45,9 +74,9 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def bake_masks(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` in which masked layers are plain layers with exact zeros."""
-    baked = copy.deepcopy(module)
+def bake_masks(module: nn.Module, inplace: bool = False) -> nn.Module:
+    """A deep copy of ``module`` (or ``module`` itself) in which masked layers are plain layers with exact zeros."""
+    baked = module if inplace else copy.deepcopy(module)
     for name, layer in list(iter_masked(baked)):
         _set_submodule(baked, name, plain_copy(layer))
     return baked
@@ -92,58 +121,208 @@ def positive_zeros(model) -> int:
     return changed
 
 
-def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwargs: Optional[Dict[str, Any]] = None,
-                *, opset: int = 17, dynamic_batch: bool = True, input_names: Optional[Sequence[str]] = None,
-                fold_batch_norm: bool = True) -> ExportInfo:
-    """Export ``module`` to ONNX at ``path`` with masks as exact zeros (see the module docstring).
+def _dynamic_axes(names, inputs, output_names, outputs) -> Dict[str, Dict[int, str]]:
+    axes = {n: {0: "batch"} for n, x in zip(names, inputs) if x.dim() > 0}
+    axes.update({n: {0: "batch"} for n, y in zip(output_names, outputs) if y.dim() > 0})
+    # token ids (batch, sequence): the sequence length is dynamic too
+    lengths = {x.shape[1] for x in inputs if x.dim() == 2 and not x.is_floating_point()}
+    for n, x in zip(names, inputs):
+        if x.dim() == 2 and not x.is_floating_point():
+            axes[n][1] = "sequence"
+    for n, y in zip(output_names, outputs):
+        if y.dim() >= 2 and y.shape[1] in lengths:
+            axes[n][1] = "sequence"
+    return axes
 
-    >>> sift.export_onnx(result.module, (x,), "model.sift.onnx")
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Evaluate ``module`` in eval mode and give every submodule its training flag back."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _tensors(tree) -> List[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _torch_export(baked: nn.Module, inputs, raw: str, names, output_names, axes, opset: int, fold: bool) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(baked, inputs, raw, dynamo=False, opset_version=opset, input_names=names,
+                              output_names=output_names, dynamic_axes=axes or None, do_constant_folding=fold)
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed for {type(baked).__name__}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def _save(model, target: str, external_data: Optional[bool]) -> Optional[str]:
+    """Save ``model`` at ``target``; weights in ``<target>.data`` when asked or above the threshold."""
+    import onnx
+    size = sum(len(init.raw_data) or init.ByteSize() for init in model.graph.initializer)
+    external = size > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    if not external:
+        onnx.save_model(model, target)
+        return None
+    location = os.path.basename(target) + ".data"
+    onnx.save_model(model, target, save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+                    size_threshold=0)
+    return os.path.join(os.path.dirname(target), location)
+
+
+def _publish(staged: List[str], directory: str) -> None:
+    """Move the staged files into ``directory``, the model file last (its data must be there first)."""
+    for path in staged:
+        os.replace(path, os.path.join(directory, os.path.basename(path)))
+
+
+def _export_metadata(module: nn.Module, form: str, opset: int) -> Dict[str, Any]:
+    from .. import __version__
+    meta: Dict[str, Any] = {"sift_compiler": __version__, "form": form, "opset": opset, "torch": torch.__version__}
+    config = getattr(module, "sift_config", None)
+    if config is not None:
+        meta.update(transform=config.transform, sparsity=config.sparsity, seed=config.seed)
+    return meta
+
+
+@dataclass
+class _Prepared:
+    """The module as it will be exported, and what the checks need from torch."""
+
+    baked: nn.Module
+    inputs: tuple
+    names: List[str]
+    output_names: List[str]
+    axes: Dict[str, Dict[int, str]]
+    patterns: list
+    reference: Optional[List[np.ndarray]]
+    notes: List[str]
+    branch_groups: List[str]
+
+
+def _prepare(module: nn.Module, args: tuple, kwargs: dict, form: str, dynamic_batch: bool,
+             input_names: Optional[Sequence[str]], verify: bool) -> _Prepared:
+    """Apply the export form, bake masks, name inputs and outputs, and run torch for the reference."""
+    notes: List[str] = []
+    formed, branch_groups = module, []
+    if isinstance(module, fx.GraphModule) and form != "branches":
+        result = apply_form(module, form)
+        formed, branch_groups = result.module, result.branch_groups
+        notes += result.notes
+    patterns = layer_patterns(formed)
+    baked = bake_masks(formed, inplace=formed is not module).eval()  # apply_form already copied
+    del formed
+    if dynamic_batch and _has_symbolic_sizes(baked):
+        dynamic_batch = False
+        shapes = ", ".join(str(tuple(x.shape)) for x in _tensors((args, kwargs)))
+        notes.append(f"static input shapes {shapes}: graphs captured by torch.export export with fixed "
+                     "batch and sequence length (the TorchScript tracer bakes their symbolic sizes)")
+    inputs, names = _positional(baked, args, kwargs)
+    names = list(input_names) if input_names else names
+    reference = None
+    with torch.no_grad():
+        outputs = _tensors(baked(*inputs))
+        if verify:  # the trained module itself, not the export form: checks prove the form changes nothing
+            with _eval_mode(module):
+                reference = [t.detach().cpu().numpy() for t in _tensors(module(*args, **kwargs))]
+    output_names = ["output"] + [f"output_{i}" for i in range(1, len(outputs))]
+    axes = _dynamic_axes(names, inputs, output_names, outputs) if dynamic_batch else {}
+    return _Prepared(baked, inputs, names, output_names, axes, patterns, reference, notes, branch_groups)
+
+
+def _write_staged(prep: _Prepared, stage: str, target_name: str, settings: Dict[str, Any]):
+    """Export into ``stage``, fix zeros, record layers and inputs.
+
+    Returns (model path, data path or None, layer records, unmatched layers, IR version).
     """
     import onnx
+    raw = os.path.join(stage, "raw", "model.onnx")
+    os.mkdir(os.path.dirname(raw))  # the TorchScript exporter spills one file per tensor here for > 2 GB
+    _torch_export(prep.baked, prep.inputs, raw, prep.names, prep.output_names, prep.axes, settings["opset"],
+                  settings["fold_batch_norm"])
+    prep.baked = None  # free the copy before the ONNX model is in memory
+    model = onnx.load(raw)
+    shutil.rmtree(os.path.dirname(raw))
+    changed = positive_zeros(model)
+    if changed:
+        prep.notes.append(f"{changed} negative zeros (from BatchNorm folding) rewritten as +0.0")
+    layers, missing = match_layers(prep.patterns, model)
+    set_metadata(model, META_LAYERS, layers_to_metadata(layers))
+    set_metadata(model, META_INPUTS, inputs_metadata(prep.names, prep.inputs))
+    set_metadata(model, META_EXPORT, settings["metadata"])
+    staged_model = os.path.join(stage, target_name)
+    staged_data = _save(model, staged_model, settings["external_data"])
+    return staged_model, staged_data, layers, missing, model.ir_version
+
+
+def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwargs: Optional[Dict[str, Any]] = None,
+                *, opset: int = 17, dynamic_batch: bool = True, input_names: Optional[Sequence[str]] = None,
+                fold_batch_norm: bool = True, form: str = DEFAULT_FORM, external_data: Optional[bool] = None,
+                verify: bool = True, strict: bool = True, rtol: float = DEFAULT_RTOL, deepsparse: str = "auto",
+                min_supported_ops: Optional[float] = None) -> ExportInfo:
+    """Export ``module`` to ONNX at ``path``, masks as exact zeros, and verify the file (module docstring).
+
+    ``form``: how Sparse Parallel layers are written (`exporters.forms.FORMS`); ``external_data``:
+    None decides by size; ``verify``: run the checks of `exporters.checks` on the file before it
+    is published; ``strict``: raise `ExportError` (and write nothing) when one fails, else return
+    the failures in ``info.verification``; ``deepsparse``: "auto", "require" or "skip".
+
+    >>> info = sift.export_onnx(result.module, (x,), "model.sift.onnx")
+    >>> print(info.verification.table())
+    """
     if opset not in SUPPORTED_OPSETS:
         raise UserInputError(f"opset {opset} is not supported: use 13 to 17 (DeepSparse 1.8 loads <= 19, "
                              "the TorchScript exporter is reliable up to 17)")
+    if form not in FORMS:
+        raise UserInputError(f"unknown export form {form!r}: choose one of {', '.join(FORMS)}")
     check_writable(path, "ONNX file")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
-    baked = bake_masks(module).eval()
-    notes = []
-    if dynamic_batch and _has_symbolic_sizes(baked):
-        dynamic_batch = False
-        shapes = ", ".join(str(tuple(x.shape)) for x in args + tuple((example_kwargs or {}).values())
-                           if isinstance(x, torch.Tensor))
-        notes.append(f"static input shapes {shapes}: graphs captured by torch.export export with fixed "
-                     "batch and sequence length (the TorchScript tracer bakes their symbolic sizes)")
-    inputs, names = _positional(baked, args, dict(example_kwargs or {}))
-    names = list(input_names) if input_names else names
-    with torch.no_grad():
-        outputs = [t for t in pytree.tree_leaves(baked(*inputs)) if isinstance(t, torch.Tensor)]
-    output_names = ["output"] + [f"output_{i}" for i in range(1, len(outputs))]
-    axes = {}
-    if dynamic_batch:
-        axes = {n: {0: "batch"} for n, x in zip(names, inputs) if x.dim() > 0}
-        axes.update({n: {0: "batch"} for n, y in zip(output_names, outputs) if y.dim() > 0})
-        # token ids (batch, sequence): the sequence length is dynamic too
-        lengths = {x.shape[1] for x in inputs if x.dim() == 2 and not x.is_floating_point()}
-        for n, x in zip(names, inputs):
-            if x.dim() == 2 and not x.is_floating_point():
-                axes[n][1] = "sequence"
-        for n, y in zip(output_names, outputs):
-            if y.dim() >= 2 and y.shape[1] in lengths:
-                axes[n][1] = "sequence"
-    with atomic_path(path) as tmp:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(baked, inputs, tmp, dynamo=False, opset_version=opset, input_names=names,
-                                  output_names=output_names, dynamic_axes=axes or None,
-                                  do_constant_folding=fold_batch_norm)
-        except Exception as e:
-            raise ExportError(f"torch.onnx.export failed for {type(module).__name__}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
-        model = onnx.load(tmp)
-        changed = positive_zeros(model)
-        if changed:
-            onnx.save(model, tmp)
-    if changed:
-        notes.append(f"{changed} negative zeros (from BatchNorm folding) rewritten as +0.0")
-    return ExportInfo(path, opset, model.ir_version, names, output_names, notes)
+    prep = _prepare(module, args, dict(example_kwargs or {}), form, dynamic_batch, input_names, verify)
+    settings = {"opset": opset, "fold_batch_norm": fold_batch_norm, "external_data": external_data,
+                "metadata": _export_metadata(module, form, opset)}
+    directory = os.path.dirname(os.path.abspath(path))
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+    retry = False
+    try:
+        staged_model, staged_data, layers, missing, ir_version = _write_staged(
+            prep, stage, os.path.basename(path), settings)
+        data_path = os.path.join(directory, os.path.basename(staged_data)) if staged_data else None
+        info = ExportInfo(path, opset, ir_version, prep.names, prep.output_names, prep.notes, form, data_path, layers)
+        if verify:
+            feeds = {n: x.detach().cpu().numpy() for n, x in zip(prep.names, prep.inputs)}
+            info.verification = verify_onnx(staged_model, feeds, reference=prep.reference, layers=layers,
+                                            missing=missing, rtol=rtol, deepsparse=deepsparse,
+                                            min_supported_ops=min_supported_ops)
+            info.verification.path = path
+            if form == "auto" and prep.branch_groups and _deepsparse_disagrees(info.verification):
+                retry = True
+            elif strict and not info.verification.ok:
+                error = ExportError(f"{path}: the exported file fails verification, not written: "
+                                    + "; ".join(info.verification.failures()))
+                error.verification = info.verification
+                raise error
+        if not retry:
+            _publish(([staged_data] if staged_data else []) + [staged_model], directory)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if retry:  # a runtime bug on the activated-branch form: the stacked form has no sum of layers to get wrong
+        error = info.verification.errors["deepsparse-vs-onnxruntime"]
+        again = export_onnx(module, example_inputs, path, example_kwargs, opset=opset, dynamic_batch=dynamic_batch,
+                            input_names=input_names, fold_batch_norm=fold_batch_norm, form=SAFE_FORM,
+                            external_data=external_data, verify=verify, strict=strict, rtol=rtol,
+                            deepsparse=deepsparse, min_supported_ops=min_supported_ops)
+        again.notes.insert(0, f"DeepSparse disagreed with onnxruntime on the branch form of "
+                              f"{len(prep.branch_groups)} Sparse Parallel layers ({error.describe()}): "
+                              f"exported as {SAFE_FORM} instead")
+        return again
+    return info
+
+
+def _deepsparse_disagrees(verification: Verification) -> bool:
+    return any(c.name == "deepsparse-vs-onnxruntime" and not (c.ok or c.skipped) for c in verification.checks)

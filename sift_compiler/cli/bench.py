@@ -1,0 +1,173 @@
+"""sift-bench: latency and throughput of ONNX models on DeepSparse and onnxruntime, side by side.
+
+    sift-bench r18-dense.onnx r18-parallel-0.90.onnx --batch-size 64 --plot fig3.png
+    sift-bench torchvision:resnet18 --transform parallel --sparsity 0.5,0.75,0.9 --batch-size 16
+
+MODEL is an ONNX file, or a model spec as for sift-compile: then the dense baseline and every
+--transform x --sparsity variant are compiled, exported (verified) and benchmarked. Without
+DeepSparse installed, it says how to install it and runs onnxruntime alone.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import List, Optional, Sequence
+
+from ..pipelines import TRANSFORM_PIPELINES
+from ._common import run_main, sparsity_list_arg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..exporters.forms import DEFAULT_FORM, FORMS
+    from ..exporters.runtimes import ENGINES
+    p = argparse.ArgumentParser(
+        prog="sift-bench",
+        description="Benchmark ONNX models on DeepSparse and onnxruntime side by side: latency (median, p90) "
+                    "and throughput, as a table, JSON and a latency-against-sparsity plot (paper Figure 3).",
+        epilog="MODEL: FILE.onnx, or torchvision:NAME | timm:NAME | transformers:TYPE | package.module:callable "
+               "(compiled with each --transform at each --sparsity, plus the dense baseline).")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files and/or model specs")
+    p.add_argument("--transform", "-t", default="parallel",
+                   help=f"comma list of transforms for model specs: {', '.join(TRANSFORM_PIPELINES)} "
+                        "(default parallel)")
+    p.add_argument("--sparsity", "-s", type=sparsity_list_arg, default=None,
+                   help="comma list of sparsities for model specs, e.g. 0.5,0.75,0.9 (required with a spec)")
+    p.add_argument("--batch-size", "-b", type=int, default=64, help="samples per batch (default 64, as the paper)")
+    p.add_argument("--engines", default="deepsparse,onnxruntime",
+                   help=f"comma list of engines: {', '.join(ENGINES)} (default both)")
+    p.add_argument("--iterations", "-n", type=int, default=10, help="timed batches per model and engine (default 10)")
+    p.add_argument("--warmup", "-w", type=int, default=2, help="untimed batches first (default 2)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole sweep this many times and pool the timings (steadier on a shared machine)")
+    p.add_argument("--num-cores", type=int, default=None, help="cores each engine may use (default: all)")
+    p.add_argument("--input-shape", help="spec models: example input shape (e.g. 1,3,224,224); ONNX files: "
+                                         "shape of the first input when it has symbolic dims besides the batch")
+    p.add_argument("--input-dtype", help="spec models: float32 or int64 (token ids)")
+    p.add_argument("--form", choices=FORMS, default=DEFAULT_FORM,
+                   help=f"export form of Sparse Parallel layers (default {DEFAULT_FORM})")
+    p.add_argument("--out-dir", help="keep the exported ONNX files here (default: a temporary directory)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and masks for model specs (default 0)")
+    p.add_argument("--json", help="write all results as JSON here")
+    p.add_argument("--plot", help="write the latency-against-sparsity plot here (.png, .pdf, .svg)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", "-v", action="store_true", help="log details and show tracebacks")
+    return p
+
+
+def _engines(text: str) -> List[str]:
+    from ..errors import UserInputError
+    from ..exporters.runtimes import ENGINES, deepsparse_status
+    engines = [e.strip() for e in text.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        raise UserInputError(f"--engines {text!r}: choose from {', '.join(ENGINES)}")
+    if "deepsparse" in engines:
+        usable, reason = deepsparse_status()
+        if not usable:
+            if engines == ["deepsparse"]:
+                raise UserInputError(reason)
+            print(f"sift-bench: {reason}\nsift-bench: running onnxruntime alone", file=sys.stderr)
+            engines.remove("deepsparse")
+    return engines
+
+
+def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from ..errors import UserInputError
+    for name in ("batch_size", "iterations", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or (args.num_cores is not None and args.num_cores < 1):
+        parser.error("--warmup must be >= 0 and --num-cores >= 1")
+    transforms = [t.strip() for t in args.transform.split(",") if t.strip()]
+    bad = [t for t in transforms if t not in TRANSFORM_PIPELINES]
+    if bad:
+        raise UserInputError(f"unknown transform {bad[0]!r}: choose from {', '.join(TRANSFORM_PIPELINES)}")
+    args.transforms = transforms
+    specs = [m for m in args.models if not m.lower().endswith(".onnx")]
+    if specs and not args.sparsity and any(t != "none" for t in transforms):
+        parser.error(f"--sparsity is required to compile {specs[0]} (e.g. --sparsity 0.5,0.75,0.9)")
+    for path in (args.json, args.plot):
+        if path:
+            from ..io import check_writable
+            check_writable(path)
+
+
+def _collect_models(args, out_dir: str):
+    from ..capture.sources import parse_dtype, parse_input_shape
+    from ..exporters.bench import describe_file
+    from ..exporters.variants import export_variants
+    models = []
+    for item in args.models:
+        if item.lower().endswith(".onnx"):
+            models.append(describe_file(item))
+            continue
+        shape = parse_input_shape(args.input_shape) if args.input_shape else None
+        dtype = parse_dtype(args.input_dtype) if args.input_dtype else None
+        variants = export_variants(item, args.transforms, args.sparsity or [], out_dir, input_shape=shape,
+                                   input_dtype=dtype, form=args.form, seed=args.seed, log=sys.stderr)
+        models += [v.model for v in variants]
+    return models
+
+
+def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ..exporters.bench import results_json, results_table, run_benchmarks
+    from ..exporters.inputs import input_specs, parse_shapes
+    from ..exporters.weights import load_onnx
+    from ..io import write_text
+    _validate(args, parser)
+    engines = _engines(args.engines)
+    with contextlib.ExitStack() as stack:
+        out_dir = args.out_dir
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+        else:
+            out_dir = tempfile.mkdtemp(prefix="sift-bench-")
+            stack.callback(shutil.rmtree, out_dir, True)
+        models = _collect_models(args, out_dir)
+        files = [m for m in args.models if m.lower().endswith(".onnx")]
+        shapes = parse_shapes(args.input_shape, input_specs(load_onnx(files[0]))) if files and args.input_shape else None
+        print(f"sift-bench: {len(models)} models x {len(engines)} engines, batch {args.batch_size}, "
+              f"{args.rounds} x ({args.warmup} warm-up + {args.iterations} timed batches) each", file=sys.stderr,
+              flush=True)
+        results = run_benchmarks(models, engines, args.batch_size, args.iterations, args.warmup, args.num_cores,
+                                 progress=not args.no_progress, input_shapes=shapes, seed=args.seed,
+                                 rounds=args.rounds)
+    print(results_table(results))
+    for line in _notes(results):
+        print(f"note: {line}")
+    settings = {"batch_size": args.batch_size, "iterations": args.iterations, "warmup": args.warmup,
+                "rounds": args.rounds,
+                "num_cores": args.num_cores, "engines": engines, "form": args.form}
+    if args.json:
+        write_text(args.json, json.dumps(results_json(results, settings), indent=2) + "\n")
+        print(f"sift-bench: wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        from ..exporters.plot import plot_latency
+        plot_latency(results, args.plot, f"batch {args.batch_size}, {args.num_cores or os.cpu_count()} cores")
+        print(f"sift-bench: wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _notes(results) -> List[str]:
+    notes = []
+    for r in results:
+        if r.fraction_of_supported_ops is not None and r.fraction_of_supported_ops < 1.0:
+            notes.append(f"{r.label}: DeepSparse runs only {r.fraction_of_supported_ops:.0%} of the ops itself; "
+                         "the rest falls back to its bundled onnxruntime")
+    if any(r.engine == "deepsparse" and r.sparsity is not None and 0 < r.sparsity < 0.9 for r in results):
+        notes.append("FP32 unstructured sparsity below about 90% is often slower than dense on DeepSparse")
+    return notes
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    return run_main("sift-bench", lambda a: _body(a, parser), parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

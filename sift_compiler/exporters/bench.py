@@ -1,0 +1,238 @@
+"""Timing ONNX files on DeepSparse and onnxruntime, side by side, with one protocol for both.
+
+For each model and engine: compile the file for the batch size, run ``warmup`` untimed batches,
+then ``iterations`` timed ones (wall clock around one ``run`` call each; the same random inputs
+every time). Latency is per batch (median and 90th percentile); throughput is items per second
+over the timed runs. Engines run one after the other, never at the same time, so they do not
+compete for cores.
+
+>>> results = run_benchmarks([BenchModel("dense", "r18.onnx")], ["deepsparse", "onnxruntime"], batch_size=16)
+>>> print(results_table(results))
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .inputs import batch_of, input_specs, random_feeds
+from .runtimes import open_engine
+from .weights import META_EXPORT, get_metadata, load_onnx
+
+
+@dataclass
+class BenchModel:
+    """A file to time, with what the table and plot say about it."""
+
+    label: str
+    path: str
+    transform: str = "?"            # "none" for the dense baseline; "?" when the file does not say
+    sparsity: Optional[float] = None
+    family: str = ""                # models of one family share a dense baseline ("resnet18")
+    form: str = ""                  # the export form of Sparse Parallel layers, when it matters
+
+
+@dataclass
+class BenchResult:
+    """The timings of one model on one engine."""
+
+    label: str
+    path: str
+    engine: str
+    batch_size: int
+    num_cores: Optional[int]
+    latencies_ms: List[float]
+    transform: str = "?"
+    sparsity: Optional[float] = None
+    family: str = ""
+    form: str = ""
+    fraction_of_supported_ops: Optional[float] = None
+    engine_description: str = ""
+    compile_s: float = 0.0
+
+    @property
+    def median_ms(self) -> float:
+        return float(np.median(self.latencies_ms))
+
+    @property
+    def p90_ms(self) -> float:
+        return float(np.percentile(self.latencies_ms, 90))
+
+    @property
+    def items_per_s(self) -> float:
+        total = sum(self.latencies_ms) / 1000.0
+        return self.batch_size * len(self.latencies_ms) / total if total > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(median_ms=self.median_ms, p90_ms=self.p90_ms, items_per_s=self.items_per_s)
+        return data
+
+
+def describe_file(path: str, label: Optional[str] = None, family: str = "") -> BenchModel:
+    """A `BenchModel` for any ONNX file: transform and sparsity from sift's metadata, else measured."""
+    from .checks import overall_weight_sparsity
+    model = load_onnx(path)
+    meta = get_metadata(model, META_EXPORT) or {}
+    transform = str(meta.get("transform", "?"))
+    sparsity = meta.get("sparsity")
+    if sparsity is None:
+        sparsity = overall_weight_sparsity(model)
+        sparsity = round(sparsity, 4) if sparsity is not None else None
+        if sparsity is not None and sparsity < 0.01:
+            transform = "none"  # no zeros to speak of: treat it as a dense model
+    name = label or os.path.splitext(os.path.basename(path))[0]
+    form = str(meta.get("form", "")) if transform == "parallel" else ""
+    return BenchModel(name, path, transform, sparsity, family, form)
+
+
+def machine_description() -> Dict[str, object]:
+    """CPU model, core count, Python and engine versions: what a timing table must state."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: Dict[str, object] = {"cpu": cpu, "logical_cores": os.cpu_count(), "machine": platform.machine(),
+                               "python": platform.python_version()}
+    try:
+        import onnxruntime
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    from .runtimes import deepsparse_status
+    if deepsparse_status()[0]:
+        import deepsparse
+        info["deepsparse"] = deepsparse.__version__
+    return info
+
+
+def time_engine(engine, feeds: Dict[str, np.ndarray], warmup: int, iterations: int, tick=None) -> List[float]:
+    """Per-batch latencies in ms of ``iterations`` runs after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        engine.run(feeds)
+        if tick:
+            tick()
+    latencies = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        engine.run(feeds)
+        latencies.append((time.perf_counter() - start) * 1000.0)
+        if tick:
+            tick()
+    return latencies
+
+
+def run_benchmarks(models: Sequence[BenchModel], engines: Sequence[str], batch_size: int, iterations: int = 10,
+                   warmup: int = 2, num_cores: Optional[int] = None, progress: bool = True,
+                   input_shapes: Optional[Dict[str, tuple]] = None, seed: int = 0, rounds: int = 1) -> List[BenchResult]:
+    """Time every model on every engine (see the module docstring); a progress bar on stderr.
+
+    ``rounds`` > 1 repeats the whole sweep (models in turn, each engine compiled afresh) and pools
+    each model's timings: on a shared machine, load that comes and goes then lands on every model
+    alike instead of on whichever model ran at the wrong minute.
+    """
+    from tqdm import tqdm
+    pooled: Dict[tuple, BenchResult] = {}
+    total = rounds * len(models) * len(engines) * (warmup + iterations)
+    with tqdm(total=total, desc="sift-bench", unit="batch", disable=not progress, leave=False) as bar:
+        for _ in range(rounds):
+            for model in models:
+                specs = input_specs(load_onnx(model.path))
+                feeds = random_feeds(specs, batch_size, input_shapes, seed)
+                batch = batch_of(feeds)
+                if batch != batch_size and not any(k[0] == model.label for k in pooled):
+                    bar.write(f"note: {model.label} has a fixed batch of {batch} (exported with static shapes); "
+                              f"timed at batch {batch}", file=sys.stderr)
+                for name in engines:
+                    bar.set_postfix_str(f"{model.label} on {name}")
+                    result = _time_one(model, name, feeds, batch, num_cores, warmup, iterations,
+                                       lambda: bar.update(1))
+                    key = (model.label, model.path, name)
+                    if key in pooled:
+                        pooled[key].latencies_ms += result.latencies_ms
+                    else:
+                        pooled[key] = result
+    return list(pooled.values())
+
+
+def _time_one(model: BenchModel, name: str, feeds, batch_size: int, num_cores: Optional[int], warmup: int,
+              iterations: int, tick) -> BenchResult:
+    start = time.perf_counter()
+    engine = open_engine(name, model.path, batch_size, num_cores, [list(v.shape) for v in feeds.values()])
+    compile_s = time.perf_counter() - start
+    latencies = time_engine(engine, feeds, warmup, iterations, tick)
+    return BenchResult(model.label, model.path, name, batch_size, num_cores, latencies, model.transform,
+                       model.sparsity, model.family, model.form, engine.fraction_of_supported_ops,
+                       engine.description, compile_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def dense_latency(results: Sequence[BenchResult], family: str, engine: str) -> Optional[float]:
+    """Median latency of the family's dense model on ``engine`` (None if there is none)."""
+    for r in results:
+        if r.engine == engine and r.transform == "none" and r.family == family:
+            return r.median_ms
+    return None
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None or value != value else format(value, spec)
+
+
+def results_table(results: Sequence[BenchResult]) -> str:
+    """One row per model, engines side by side, then the ratios the paper reports.
+
+    ``DS/ORT``: onnxruntime latency over DeepSparse latency (DeepSparse's speedup on the same
+    model); ``vs dense``: latency over the dense model's on the same engine (ideal: 1.00).
+    """
+    engines = list(dict.fromkeys(r.engine for r in results))
+    short = {"deepsparse": "DS", "onnxruntime": "ORT"}
+    rows = []
+    header = ["model", "transform", "sparsity"]
+    for e in engines:
+        s = short.get(e, e)
+        header += [f"{s} median ms", f"{s} p90 ms", f"{s} items/s", f"{s} vs dense"]
+    if {"deepsparse", "onnxruntime"} <= set(engines):
+        header.append("DS speedup over ORT")
+    by_model: Dict[str, Dict[str, BenchResult]] = {}
+    for r in results:
+        by_model.setdefault(r.label, {})[r.engine] = r
+    for label, per_engine in by_model.items():
+        first = next(iter(per_engine.values()))
+        row = [label, first.transform, _fmt(first.sparsity, ".2f")]
+        for e in engines:
+            r = per_engine.get(e)
+            if r is None:
+                row += ["-"] * 4
+                continue
+            dense = dense_latency(results, r.family, e)
+            row += [_fmt(r.median_ms, ".1f"), _fmt(r.p90_ms, ".1f"), _fmt(r.items_per_s, ".1f"),
+                    _fmt(r.median_ms / dense if dense else None, ".2f")]
+        if {"deepsparse", "onnxruntime"} <= set(engines):
+            ds, ort = per_engine.get("deepsparse"), per_engine.get("onnxruntime")
+            row.append(_fmt(ort.median_ms / ds.median_ms if ds and ort else None, ".2f") + ("x" if ds and ort else ""))
+        rows.append(row)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def results_json(results: Sequence[BenchResult], settings: Dict[str, object]) -> Dict[str, object]:
+    """Everything measured, with the machine and the settings, as one JSON-ready dict."""
+    return {"machine": machine_description(), "settings": settings,
+            "results": [r.to_dict() for r in results]}

@@ -1,0 +1,213 @@
+"""The exporter on real models: every transform of ResNet-18 and a transformer, verified for real.
+
+Each export runs the exporter's own checks with DeepSparse required (our dev environment and CI
+install it): onnx checker, per-layer sparsity, onnxruntime against torch, DeepSparse compiles it
+and agrees with onnxruntime. The tests then check the file independently of those checks.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
+
+import sift_compiler as sift
+from sift_compiler.errors import UserInputError
+from sift_compiler.exporters import onnx as onnx_exporter
+from sift_compiler.exporters.forms import apply_form
+from sift_compiler.exporters.onnx import export_onnx
+from sift_compiler.exporters.runtimes import open_engine
+from sift_compiler.exporters.weights import layers_from_metadata, weight_arrays
+from sift_compiler.pipelines import TRANSFORM_PIPELINES, pipeline_names
+from sift_compiler.sparsity.layers import MaskedConv2d, iter_masked
+
+ALL_CHECKS = {"onnx-checker", "sparsity", "onnxruntime-vs-torch", "deepsparse-compiles", "deepsparse-vs-onnxruntime"}
+TRANSFORMS = ["none", "parallel", "factorized", "doped", "wide"]
+
+
+def _available(transform: str) -> bool:
+    return TRANSFORM_PIPELINES[transform] in pipeline_names()
+
+
+_EXPORTS = {}
+
+
+def resnet18_export(transform: str, tmp_path_factory):
+    """ResNet-18 (64 x 64) compiled with ``transform`` at s = 0.5 and exported; once per test process."""
+    if transform not in _EXPORTS:
+        import torchvision
+        torch.manual_seed(0)
+        x = torch.randn(1, 3, 64, 64)
+        result = sift.compile(torchvision.models.resnet18(), transform, 0.5 if transform != "none" else 0.0, (x,))
+        path = str(tmp_path_factory.mktemp("r18") / f"{transform}.onnx")
+        _EXPORTS[transform] = (result, export_onnx(result.module, (x,), path, deepsparse="require"), x)
+    return _EXPORTS[transform]
+
+
+@pytest.mark.deepsparse
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_every_transform_of_resnet18_exports_verified(tmp_path_factory, transform):
+    if not _available(transform):
+        pytest.skip(f"transform {transform!r} is not in this build yet")
+    result, info, x = resnet18_export(transform, tmp_path_factory)
+    verification = info.verification
+    assert verification.ok, verification.table()
+    assert {c.name for c in verification.checks} == ALL_CHECKS
+    assert all(c.status == "ok" for c in verification.checks), verification.table()
+    assert verification.fraction_of_supported_ops == 1.0
+    assert verification.errors["onnxruntime-vs-torch"].rel < 1e-5
+    assert verification.errors["deepsparse-vs-onnxruntime"].rel < 1e-4
+
+    model = onnx.load(info.path)
+    assert model.ir_version <= 9 and model.opset_import[0].version == 17
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    # zeros are +0.0 everywhere: bit-level sparsity detectors see them
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        assert not np.any((array == 0) & np.signbit(array)), init.name
+
+    # one record per sparse layer of the exported form; each at its target, zeros intact
+    formed = apply_form(result.module, info.form).module
+    sparse = {name: layer for name, layer in iter_masked(formed) if layer.target_density < 1}
+    assert sorted({la.layer for la in info.layers}) == sorted(sparse)
+    assert (transform == "none") == (not info.layers)
+    arrays = {t.initializer: a for t, a in weight_arrays(model)}
+    for record in info.layers:
+        layer = sparse[record.layer]
+        kept = (layer.masked_weight() != 0).detach().numpy()  # the mask's positions, minus weights that are 0
+        assert record.nnz == record.mask_nnz == int(kept.sum()) <= int(layer.weight_mask.sum()), record
+        assert record.nnz <= record.max_nnz
+        assert record.sparsity >= 1 - layer.target_density - 0.5 * record.parts / record.numel
+        # the file's non-zeros sit exactly where the masked weight has them
+        assert np.array_equal(arrays[record.initializer] != 0, kept)
+    # the metadata lets sift-check find the same records without the model
+    assert [(la.layer, la.initializer, la.nnz) for la in layers_from_metadata(model)] == \
+        [(la.layer, la.initializer, la.nnz) for la in info.layers]
+
+
+def _conv_readers(model) -> dict:
+    readers = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            readers[node.input[0]] = readers.get(node.input[0], 0) + 1
+    return readers
+
+
+@pytest.mark.deepsparse
+def test_parallel_resnet18_has_no_summed_convs_and_runs_any_batch(tmp_path_factory):
+    """Default form: one stacked conv and a 1x1 sum per layer, so no input feeds the branch convs DeepSparse mis-sums."""
+    _, info, x = resnet18_export("parallel", tmp_path_factory)
+    model = onnx.load(info.path)
+    assert max(_conv_readers(model).values()) == 2  # a block input feeds its stacked conv1 and its downsample only
+    assert sum(node.op_type == "Add" for node in model.graph.node) == 8  # the residual adds, nothing else
+    assert not any(node.op_type == "BatchNormalization" for node in model.graph.node)  # all folded
+    engine = open_engine("deepsparse", info.path, 3, None, [[3, 3, 64, 64]])
+    assert engine.run({"input": np.random.randn(3, 3, 64, 64).astype(np.float32)})[0].shape == (3, 1000)
+
+
+@pytest.mark.deepsparse
+def test_auto_form_keeps_relu_branches(tmp_path):
+    """form="auto": ReLU branches stay B convs summed by Adds (fastest on idle cores), still verified."""
+    from collections import OrderedDict
+    net = nn.Sequential(OrderedDict(
+        stem=nn.Conv2d(3, 8, 3, padding=1), act=nn.ReLU(), mid=nn.Conv2d(8, 8, 3, padding=1), bn=nn.BatchNorm2d(8),
+        act2=nn.ReLU(), mid2=nn.Conv2d(8, 8, 3, padding=1), act3=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
+        flat=nn.Flatten(), head=nn.Linear(8, 10)))
+    x = torch.randn(2, 3, 12, 12)
+    result = sift.compile(net, "parallel", 0.9, (x,))
+    info = export_onnx(result.module, (x,), str(tmp_path / "m.onnx"), form="auto", deepsparse="require")
+    assert info.form == "auto" and info.verification.ok, info.verification.table()
+    model = onnx.load(info.path)
+    assert sorted(_conv_readers(model).values()) == [1, 10, 10]  # the stem, then 10 branch convs per layer
+    assert sum(node.op_type == "Add" for node in model.graph.node) == 2 * 9
+    assert len(info.layers) == 20 and all(la.parts == 1 for la in info.layers)
+
+
+@pytest.fixture(scope="module")
+def bert():
+    from sift_compiler.capture.sources import load_model
+    torch.manual_seed(0)
+    return load_model("transformers:bert,num_hidden_layers=1,hidden_size=64,num_attention_heads=4,"
+                      "intermediate_size=128,vocab_size=500,max_position_embeddings=64", (1, 16))
+
+
+@pytest.mark.deepsparse
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_every_transform_of_a_transformer_exports_verified(bert, transform, tmp_path):
+    if not _available(transform):
+        pytest.skip(f"transform {transform!r} is not in this build yet")
+    result = sift.compile(bert.module, transform, 0.75 if transform != "none" else 0.0, bert.args, bert.kwargs)
+    info = export_onnx(result.module, bert.args, str(tmp_path / "bert.onnx"), bert.kwargs, deepsparse="require")
+    assert info.verification.ok, info.verification.table()
+    assert {c.name for c in info.verification.checks} == ALL_CHECKS
+    assert info.input_names == ["input_ids"]
+    assert (transform == "none") == (not info.layers)
+    assert all(la.nnz <= min(la.mask_nnz, la.max_nnz) for la in info.layers)
+    # attention and embeddings partly fall back to DeepSparse's bundled onnxruntime: reported, not hidden
+    assert 0.5 < info.verification.fraction_of_supported_ops <= 1.0
+
+
+def test_negative_zeros_from_batchnorm_folding_become_positive(tmp_path):
+    conv = MaskedConv2d(2, 4, 3)
+    conv.set_mask(torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5)
+    norm = nn.BatchNorm2d(4)
+    norm.weight.data.fill_(-2.0)  # negative scale: +0.0 * -2 = -0.0 in the folded weight
+    model = nn.Sequential(conv, norm, nn.ReLU()).eval()
+    info = export_onnx(model, torch.randn(1, 2, 6, 6), str(tmp_path / "m.onnx"), deepsparse="skip")
+    assert any("negative zeros (from BatchNorm folding) rewritten as +0.0" in n for n in info.notes), info.notes
+    (tensor, array), = weight_arrays(onnx.load(info.path))
+    assert tensor.nnz == int(conv.weight_mask.sum()) and not np.any((array == 0) & np.signbit(array))
+
+
+def _small_sparse_model():
+    conv = MaskedConv2d(3, 8, 3, padding=1)
+    conv.target_density = 0.25
+    conv.set_mask(torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(1)) < 0.25)
+    return nn.Sequential(conv, nn.ReLU(), nn.Conv2d(8, 4, 1)).eval(), torch.randn(2, 3, 8, 8)
+
+
+@pytest.mark.deepsparse
+def test_external_data_keeps_weights_beside_the_model(tmp_path):
+    from sift_compiler.cli.check import main as check_main
+    model, x = _small_sparse_model()
+    path = str(tmp_path / "ext.onnx")
+    info = export_onnx(model, x, path, external_data=True, deepsparse="require")
+    assert info.data_path == path + ".data" and os.path.getsize(path + ".data") > 1000
+    assert os.path.getsize(path) < 4000  # the graph only
+    assert sorted(os.listdir(tmp_path)) == ["ext.onnx", "ext.onnx.data"]
+    assert info.verification.ok, info.verification.table()
+    assert check_main([path, "--require-deepsparse"]) == 0
+
+
+def test_weights_over_the_threshold_go_to_external_data(tmp_path, monkeypatch):
+    model, x = _small_sparse_model()
+    monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_THRESHOLD", 100)  # stands in for 2 GB
+    info = export_onnx(model, x, str(tmp_path / "big.onnx"), deepsparse="skip")
+    assert info.data_path is not None and os.path.exists(info.data_path)
+    small = export_onnx(model, x, str(tmp_path / "small.onnx"), deepsparse="skip", external_data=False)
+    assert small.data_path is None and not os.path.exists(str(tmp_path / "small.onnx.data"))
+
+
+def test_training_module_is_checked_in_eval_mode_and_left_as_it_was(tmp_path):
+    model, x = _small_sparse_model()
+    model = nn.Sequential(*model[:2], nn.BatchNorm2d(8), model[2]).train()
+    model[2].running_mean.fill_(3.0)  # eval statistics differ from batch statistics
+    info = export_onnx(model, x, str(tmp_path / "m.onnx"), deepsparse="skip")
+    assert info.verification.ok, info.verification.table()
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"opset": 18}, "opset 18 is not supported: use 13 to 17"),
+    ({"form": "wide"}, "unknown export form 'wide'"),
+])
+def test_bad_arguments_are_user_errors(tmp_path, kwargs, message):
+    model, x = _small_sparse_model()
+    with pytest.raises(UserInputError, match=message):
+        export_onnx(model, x, str(tmp_path / "m.onnx"), **kwargs)
+    with pytest.raises(UserInputError, match="does not exist"):
+        export_onnx(model, x, str(tmp_path / "missing" / "m.onnx"))
