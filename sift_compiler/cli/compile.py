@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the compiled model here (load with sift_compiler.load)")
     p.add_argument("--onnx", help="write masked ONNX here (exact zeros, opset --opset)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 to 17 (default 17)")
+    p.add_argument("--no-deepsparse-check", action="store_true",
+                   help="do not compile the ONNX file in DeepSparse nor compare it with onnxruntime")
     p.add_argument("--report", help="write the FLOP report as JSON here")
     p.add_argument("--keep-dense", nargs="+", default=[], metavar="PATTERN",
                    help="keep layers dense whose name or type matches these glob patterns (e.g. 'layer4.*' Linear)")
@@ -100,7 +102,8 @@ def _write_onnx(result, source, args, written) -> None:
     from ..errors import ExportError
     from ..exporters.onnx import export_onnx
     from ..exporters.verify import onnxruntime_outputs
-    info = export_onnx(result.module, source.args, args.onnx, source.kwargs, opset=args.opset)
+    info = export_onnx(result.module, source.args, args.onnx, source.kwargs, opset=args.opset,
+                       deepsparse="skip" if args.no_deepsparse_check else "auto")
     written.append(args.onnx)
     outputs = onnxruntime_outputs(args.onnx, info, source.args, source.kwargs)
     expected = [tuple(spec.shape) for spec in _leaves(result.unit.baseline_outputs)]

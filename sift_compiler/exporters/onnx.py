@@ -303,8 +303,14 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwarg
             if form == "auto" and prep.branch_groups and _deepsparse_disagrees(info.verification):
                 retry = True
             elif strict and not info.verification.ok:
+                failures = info.verification.failures()
+                hint = ""
+                if any("deepsparse-vs-onnxruntime" in f for f in failures):
+                    hint = (" (DeepSparse computes this graph differently from onnxruntime: a runtime bug, see "
+                            "docs/deployment.md; for Sparse Wide try --round-to 8, or export for onnxruntime "
+                            "only with --no-deepsparse-check)")
                 error = ExportError(f"{path}: the exported file fails verification, not written: "
-                                    + "; ".join(info.verification.failures()))
+                                    + "; ".join(failures) + hint)
                 error.verification = info.verification
                 raise error
         if not retry:
