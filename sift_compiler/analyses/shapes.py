@@ -77,16 +77,63 @@ class ShapeMap:
         return pytree.tree_map(lambda a: self.specs.get(a.name) if isinstance(a, fx.Node) else None, out.args[0])
 
 
+_SHAPE_PRESERVING = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,
+                     torch.nn.modules.instancenorm._InstanceNorm, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.GELU,
+                     torch.nn.SiLU, torch.nn.Hardswish, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Dropout,
+                     torch.nn.Identity)
+
+
+class _MetaRecorder(_Recorder):
+    """Runs the graph on meta tensors: parameters are swapped for meta copies per module call.
+    Much cheaper than fake tensors per op; graphs that mix devices or read values fall back."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self._meta: Dict[int, torch.Tensor] = {}
+
+    def _as_meta(self, t: torch.Tensor) -> torch.Tensor:
+        meta = self._meta.get(id(t))
+        if meta is None:
+            meta = self._meta[id(t)] = torch.empty_like(t, device="meta")
+        return meta
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return self._as_meta(value) if isinstance(value, torch.Tensor) else value
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if isinstance(module, _SHAPE_PRESERVING) and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])  # norms, activations, dropout: nothing to compute
+        state = {name: self._as_meta(t) for name, t in
+                 list(module.named_parameters()) + list(module.named_buffers())}
+        if isinstance(module, MaskedLayer):
+            base = next(t for t in WEIGHT_LAYER_TYPES if isinstance(module, t))
+            return _call_as(base, module, state, args, kwargs)
+        return torch.func.functional_call(module, state, args, kwargs)
+
+
+def _call_as(base: type, module, state, args, kwargs):
+    """``base.forward`` of ``module`` with its tensors replaced by ``state`` (the mask is not used)."""
+    with torch.nn.utils.stateless._reparametrize_module(module, state):
+        return base.forward(module, *args, **kwargs)
+
+
 def propagate_shapes(gm: fx.GraphModule, flat_inputs) -> ShapeMap:
-    """Run ``gm`` on fake copies of ``flat_inputs`` (eval mode) and record every node's spec."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    """Record every node's output spec without real compute (eval mode): on meta tensors, or on
+    fake tensors for graphs the meta device cannot run."""
     training = gm.training
     gm.eval()  # batch norm in train mode would write running stats
     try:
-        with mode:
-            fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
-            recorder = _Recorder(gm)
-            recorder.run(*fake)
+        try:
+            recorder = _MetaRecorder(gm)
+            recorder.run(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in flat_inputs])
+        except Exception:
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            with mode:
+                fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
+                recorder = _Recorder(gm)
+                recorder.run(*fake)
     finally:
         gm.train(training)
     return ShapeMap(recorder.specs)

@@ -13,7 +13,7 @@ from typing import Any, Dict
 import torch.fx as fx
 import torch.nn as nn
 
-from ..capture.tracer import SiftTracer, symbolic_trace
+from ..capture.tracer import SiftTracer
 
 
 def splice_module(unit, node: fx.Node, module: nn.Module, path: str, meta: Dict[str, Any]) -> fx.Node:
@@ -26,12 +26,12 @@ def splice_module(unit, node: fx.Node, module: nn.Module, path: str, meta: Dict[
         node.meta.update(meta)
         node.meta["sift.role"] = ""
         return node
-    sub = symbolic_trace(module)
+    sub_graph = SiftTracer().trace(module)  # a Graph only: no GraphModule code generation per layer
     env: Dict[fx.Node, Any] = {}
     inputs = list(node.args)
     result = None
     with gm.graph.inserting_before(node):
-        for sub_node in sub.graph.nodes:
+        for sub_node in sub_graph.nodes:
             if sub_node.op == "placeholder":
                 env[sub_node] = inputs.pop(0) if inputs else sub_node.args[0]
             elif sub_node.op == "output":

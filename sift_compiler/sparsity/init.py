@@ -32,11 +32,21 @@ def random_mask(shape, density: float, generator: np.random.Generator) -> torch.
     """A bool mask of ``shape`` with exactly `exact_count` true entries at random positions."""
     numel = int(np.prod(shape))
     keep = exact_count(density, numel)
-    # Draw the smaller side (kept or removed positions): sampling without replacement costs O(k).
-    flip = keep > numel // 2
-    chosen = generator.choice(numel, numel - keep if flip else keep, replace=False)
-    mask = np.full(numel, flip, dtype=bool)
-    mask[chosen] = not flip
+    # A Bernoulli draw (16-bit threshold: fast), then a uniformly chosen |excess| of the
+    # over-represented side flipped: every position is treated alike, so every set of `keep`
+    # positions is equally likely, at a fraction of the cost of sampling indices without replacement.
+    threshold = round(keep / numel * 65536)
+    mask = generator.integers(0, 65536, size=numel, dtype=np.uint16) < threshold if threshold < 65536 \
+        else np.ones(numel, dtype=bool)
+    excess = int(np.count_nonzero(mask)) - keep
+    while excess:
+        # rejection-sample distinct positions on the over-represented side, in draw order
+        candidates = generator.integers(0, numel, size=2 * abs(excess) + 16)
+        candidates = candidates[mask[candidates] == (excess > 0)]
+        _, first = np.unique(candidates, return_index=True)
+        chosen = candidates[np.sort(first)][:abs(excess)]
+        mask[chosen] = excess < 0
+        excess += -len(chosen) if excess > 0 else len(chosen)
     return torch.from_numpy(mask).view(tuple(shape))
 
 
