@@ -1,4 +1,6 @@
 """Shared test set-up: one torch thread per xdist worker (2 workers on 2 cores), quiet engines."""
+import ctypes
+import gc
 import os
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
@@ -11,6 +13,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_release_memory():
     torch.manual_seed(0)
     yield
+    # Tests build models of up to ~900M parameters; give their memory back to the OS before the
+    # next test so two xdist workers fit in the machine's RAM.
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    _LIBC = None

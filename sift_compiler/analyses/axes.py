@@ -166,6 +166,7 @@ class AxisGraph:
         Pins propagate into definitions first (a pinned composite pins its parts), and a derived
         size that breaks its multiple pins its parts, until nothing changes.
         """
+        pushed = set()
         while True:
             changed = False
             for root, expr in list(self.definition.items()):
@@ -186,10 +187,19 @@ class AxisGraph:
             for root in self.roots():
                 decide(root)
             for root, expr in self.definition.items():
-                if sizes[root] % self.multiple.get(root, 1) and root not in self.pinned:
+                multiple = self.multiple.get(root, 1)
+                if sizes[root] % multiple == 0 or root in self.pinned:
+                    continue
+                terms = [t for t in (expr.terms if isinstance(expr, Sum) else ()) if isinstance(t, Sym)]
+                if terms and (root, multiple) not in pushed:
+                    # a concatenation stays a multiple when each of its parts is one
+                    pushed.add((root, multiple))
+                    for term in terms:
+                        self.require_multiple(term, multiple)
+                else:
                     self.pin(expr, "a derived size must stay a multiple")
                     self.pinned[root] = "a derived size must stay a multiple"
-                    changed = True
+                changed = True
             if not changed:
                 return lambda expr: self._evaluate(expr, decide)
 
