@@ -21,7 +21,6 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
-import torch.utils._pytree as pytree
 
 from .config import CompileConfig
 from .errors import ModelLoadError

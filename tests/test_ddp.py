@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 STEPS, INTERVAL = 12, 3

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import sift_compiler as sift
-from sift_compiler.analyses import FlopAnalysis, LayerAnalysis, ShapeAnalysis
+from sift_compiler.analyses import FlopAnalysis, ShapeAnalysis
 from sift_compiler.capture import capture
 from sift_compiler.config import CompileConfig
 from sift_compiler.errors import StaleAnalysisError, UserInputError

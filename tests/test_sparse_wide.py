@@ -11,7 +11,6 @@ from sift_compiler.errors import PassError
 from sift_compiler.capture.sources import load_model
 from sift_compiler.passes.sparse_wide import widening_factor
 from sift_compiler.testing import assert_masks_exact
-from checks import tensors
 
 # Reference code (research notes §2): base width int(64 k) and its binary-searched s'.
 REFERENCE_S_PRIME = {0.5: 0.50972, 0.75: 0.76902, 0.9: 0.91601}

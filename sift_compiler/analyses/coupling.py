@@ -24,6 +24,7 @@ Wide pass can rewrite them; sizes read from tensors (``x.shape[-1]``) couple the
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -259,10 +260,8 @@ def _fresh_tree(builder: _Builder, spec: Any, label: str, pinned: Optional[str])
 
 
 def getattr_path(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    """``root.a.b.c`` for target "a.b.c" (a get_attr node's target)."""
+    return operator.attrgetter(target)(root)
 
 
 def analyze_coupling(gm: fx.GraphModule, shapes: ShapeMap, attention_width: str = "keep") -> CouplingResult:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import builtins
 import operator
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.fx as fx

@@ -15,7 +15,8 @@ shared, not copied: a tied weight (GPT-2's ``lm_head`` and ``wte``) stays tied.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+import operator
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -35,16 +36,9 @@ def _bind(node: fx.Node, names: Sequence[str], defaults: Dict[str, Any]) -> Dict
 def _param(gm: fx.GraphModule, arg: Any) -> Optional[torch.Tensor]:
     """The tensor behind a get_attr node (None for anything else)."""
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value = _fetch_attr(gm, str(arg.target))
+        value = operator.attrgetter(str(arg.target))(gm)
         return value if isinstance(value, torch.Tensor) else None
     return None
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _as_param(t: Optional[torch.Tensor]) -> Optional[nn.Parameter]:

@@ -367,3 +367,15 @@ def _grow_best(kept: torch.Tensor, scores: torch.Tensor, grow: int) -> torch.Ten
     if grow > 0:
         new[score.flatten().topk(grow, sorted=False).indices] = True
     return new.view_as(kept)
+
+
+class DynamicMaskEngine(MaskEngine):
+    """Base of the engines that drop and regrow on the paper's schedule (RigL, SET): they differ
+    only in where they grow (`grow_scores`)."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int,
+                 update_interval: int = 100, drop_fraction: float = 0.3, end_fraction: float = 0.75,
+                 pattern: str = "unstructured", *, n: Optional[int] = None, m: Optional[int] = None,
+                 seed: int = 0) -> None:
+        schedule = UpdateSchedule(total_steps, update_interval, drop_fraction, end_fraction)
+        super().__init__(module, optimizer, schedule, pattern, n, m, seed)

@@ -9,13 +9,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
-from .engine import MaskEngine, SparseWeight
-from .schedules import UpdateSchedule
+from .engine import DynamicMaskEngine, SparseWeight
 
 
-class RigL(MaskEngine):
+class RigL(DynamicMaskEngine):
     """Dynamic sparse training with gradient-based regrowth, the paper's best method.
 
     >>> masks = sift_compiler.sparsity.RigL(result.module, optimizer, total_steps=len(loader) * epochs)
@@ -29,13 +27,6 @@ class RigL(MaskEngine):
 
     method = "rigl"
     needs_dense_grad = True
-
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int,
-                 update_interval: int = 100, drop_fraction: float = 0.3, end_fraction: float = 0.75,
-                 pattern: str = "unstructured", *, n: Optional[int] = None, m: Optional[int] = None,
-                 seed: int = 0) -> None:
-        schedule = UpdateSchedule(total_steps, update_interval, drop_fraction, end_fraction)
-        super().__init__(module, optimizer, schedule, pattern, n, m, seed)
 
     def grow_scores(self, w: SparseWeight, step: int) -> Optional[torch.Tensor]:
         grad = self.dense_grads.get(w.name)
