@@ -60,7 +60,8 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
     >>> result.module(x).shape                  # torch.Size([1, 1000]); trainable, masks as buffers
 
     ``transform``: "none" (dense baseline), "parallel", "factorized", "doped" or "wide";
-    ``sparsity``: s in [0, 1). The user's ``model`` is not modified.
+    ``sparsity``: s in [0, 1). ``seed`` fixes the masks and every new weight (the caller's torch
+    RNG state is neither used nor advanced). The user's ``model`` is not modified.
     """
     config = CompileConfig(transform=transform, sparsity=sparsity, seed=seed, keep_dense=tuple(keep_dense),
                            activation=activation, linear_norm=linear_norm, round_to=round_to,
@@ -73,7 +74,12 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
     unit.baseline = unit.analyses.get(FlopAnalysis)
     unit.baseline_outputs = unit.analyses.get(ShapeAnalysis).outputs(unit.module)
     instruments = [timing] + ([ProgressInstrument(progress)] if progress is not None else [])
-    get_pipeline(TRANSFORM_PIPELINES[transform], config, instruments).run(unit)
+    pipeline = get_pipeline(TRANSFORM_PIPELINES[transform], config, instruments)
+    # New parameters (dense factors, norms) come from the seed, not from the caller's RNG state,
+    # which stays untouched; sparse weights and masks have per-layer streams of their own.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipeline.run(unit)
     report = current_report(unit, model_name or type(model).__name__, captured.method)
     unit.module.sift_config = config  # lets flops()/export recognise a compiled module
     return CompileResult(unit.module, report, unit, config, captured.method, timing.timings, source)

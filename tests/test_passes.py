@@ -151,3 +151,42 @@ def test_exact_count_masks_deterministic_for_a_seed():
     assert any(not torch.equal(a[k], c[k]) for k in a)
     for mask in a.values():
         assert int(mask.sum()) == round(0.25 * mask.numel())
+
+
+@pytest.mark.parametrize("transform", ["parallel", "factorized", "doped", "wide"])
+def test_deferred_weights_follow_the_layer_init_on_the_mask(transform):
+    """Pipelines draw new sparse weights after the masks: zero off the mask, U(-b, b) on it with
+    b = 1/sqrt(fan_in) (the distribution of nn.Conv2d/nn.Linear), reproducible from the seed."""
+    x, model = torch.randn(1, 3, 16, 16), Net()
+    first = sift.compile(model, transform, 0.75, (x,), seed=3).module
+    again = sift.compile(model, transform, 0.75, (x,), seed=3).module
+    other = sift.compile(model, transform, 0.75, (x,), seed=4).module
+    layers = dict(sift.sparsity.iter_masked(first))
+    assert layers
+    for name, layer in layers.items():
+        assert not layer.init_pending
+        weight, mask = layer.weight.detach(), layer.weight_mask
+        bound = 1 / weight[0].numel() ** 0.5
+        assert torch.all(weight[~mask] == 0)
+        kept = weight[mask]
+        assert torch.all(kept.abs() <= bound) and torch.count_nonzero(kept) == kept.numel()
+        if kept.numel() >= 500:  # the variance of U(-b, b) is b^2 / 3
+            assert kept.var().item() == pytest.approx(bound ** 2 / 3, rel=0.2)
+        assert torch.equal(weight, again.get_submodule(name).weight)
+        assert not torch.equal(weight, other.get_submodule(name).weight)
+    sample = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(first(sample), again(sample))
+
+
+def test_deferred_weights_need_init_masks_in_the_pipeline():
+    unit = unit_for(Net())
+    with pytest.raises(Exception, match="never initialised.*InitMasksPass"):
+        PassManager([SparseParallelPass(0.75, defer_init=True), sift.passes.VerifyPass()]).run(unit)
+
+
+def test_a_pass_used_alone_gives_initialised_weights():
+    unit = unit_for(Net())
+    SparseParallelPass(0.75)(unit)
+    branch = unit.module.get_submodule("a.branches.0.layer")
+    assert not branch.init_pending and torch.isfinite(branch.weight).all()
+    assert branch.weight.abs().max() <= 1 / branch.weight[0].numel() ** 0.5

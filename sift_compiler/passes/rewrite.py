@@ -7,12 +7,13 @@ original layer's name) and ``sift.rule`` (the pass), so reports and exporters ca
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch.nn as nn
 
 from ..analyses.layers import LayerAnalysis, WeightLayer
-from ..sparsity.layers import masked_copy
+from ..sparsity.layers import deferred_init, masked_copy
 from ..unit import LayerDecision
 from .base import Pass, PassResult
 from .graph_edit import finish_edits, splice_module
@@ -59,8 +60,10 @@ class LayerRewritePass(Pass):
 
     transform = "none"
 
-    def __init__(self, sparsity: float) -> None:
+    def __init__(self, sparsity: float, defer_init: bool = False) -> None:
         self.sparsity = sparsity
+        # leave the new sparse weights to InitMasksPass, which draws them on the mask only
+        self.defer_init = defer_init
 
     def build(self, unit, layer: WeightLayer, module: nn.Module) -> Tuple[nn.Module, str]:
         """Return (replacement module computing the transformed layer, a short detail string)."""
@@ -68,8 +71,15 @@ class LayerRewritePass(Pass):
 
     def call(self, unit) -> PassResult:
         table = unit.analyses.get(LayerAnalysis)
+        nodes = {n.name: n for n in unit.module.graph.nodes}
+        with deferred_init() if self.defer_init else contextlib.nullcontext():
+            modified = self._rewrite_layers(unit, table, nodes)
+        if modified:
+            finish_edits(unit)
+        return PassResult(modified)
+
+    def _rewrite_layers(self, unit, table: LayerAnalysis, nodes) -> bool:
         gm = unit.module
-        nodes = {n.name: n for n in gm.graph.nodes}
         modified = False
         for layer in table.transformable(self.transform):
             module = gm.get_submodule(layer.target)
@@ -84,6 +94,4 @@ class LayerRewritePass(Pass):
                 splice_module(unit, nodes[node_name], replacement, layer.target, meta)
             unit.decisions[layer.target] = LayerDecision(kind, detail)
             modified = True
-        if modified:
-            finish_edits(unit)
-        return PassResult(modified)
+        return modified

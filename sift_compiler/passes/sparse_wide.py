@@ -23,6 +23,7 @@ The global compensation then sets the sparsity s' that makes the model iso-FLOP.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from typing import Dict, List, Tuple
@@ -36,7 +37,7 @@ from ..analyses.layers import LayerAnalysis
 from ..analyses.ops import module_kind
 from ..analyses.shapes import ShapeAnalysis
 from ..errors import PassError
-from ..sparsity.layers import MaskedLayer, masked_copy, new_layer
+from ..sparsity.layers import MaskedLayer, deferred_init, masked_copy, new_layer
 from ..unit import LayerDecision
 from .base import Pass, PassResult
 from .graph_edit import finish_edits
@@ -79,10 +80,11 @@ class SparseWidePass(Pass):
 
     name = "sparse-wide"
 
-    def __init__(self, sparsity: float, round_to: int = 1) -> None:
+    def __init__(self, sparsity: float, round_to: int = 1, defer_init: bool = False) -> None:
         self.sparsity = sparsity
         self.round_to = round_to
         self.factor = widening_factor(sparsity)
+        self.defer_init = defer_init  # see LayerRewritePass
 
     def call(self, unit) -> PassResult:
         coupling = unit.analyses.get(ChannelCouplingAnalysis)
@@ -95,7 +97,8 @@ class SparseWidePass(Pass):
             return round_to_multiple(size * self.factor, multiple, minimum=multiple)
         size_of = axes.solve(widen)
         gm = unit.module
-        rebuilt = self._rebuild_modules(unit, coupling, table, size_of)
+        with deferred_init() if self.defer_init else contextlib.nullcontext():
+            rebuilt = self._rebuild_modules(unit, coupling, table, size_of)
         self._rebuild_params(gm, coupling, size_of, rebuilt)
         self._rewrite_literals(gm, coupling, size_of)
         self._rescale_attention(gm, coupling, size_of)

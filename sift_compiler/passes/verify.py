@@ -2,7 +2,8 @@
 
 1. ``graph.lint()`` passes;
 2. the outputs keep the dense model's shapes and dtypes (fake-tensor propagation, no compute);
-3. every mask has its weight's shape and exactly round(density * numel) non-zeros;
+3. every mask has its weight's shape and exactly round(density * numel) non-zeros, and no layer
+   still waits for deferred weight initialisation;
 4. the weight-layer FLOPs are within ``flop_tolerance`` of the dense model's (iso-FLOP). Tiny
    models whose per-layer rounding cannot reach the tolerance get a note, not an error.
 """
@@ -26,6 +27,9 @@ class VerifyPass(Pass):
         if unit.baseline_outputs is not None and outputs != unit.baseline_outputs:
             raise PassError(f"output shapes changed: {outputs} instead of {unit.baseline_outputs}")
         for name, layer in iter_masked(unit.module):
+            if layer.init_pending:
+                raise PassError(f"weights of {name!r} were never initialised: a rewrite ran with defer_init=True "
+                                "but no InitMasksPass followed it in the pipeline")
             if layer.weight_mask.shape != layer.weight.shape:
                 raise PassError(f"mask of {name!r} has shape {tuple(layer.weight_mask.shape)}, weight "
                                 f"{tuple(layer.weight.shape)}")

@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 
-from .engine import DynamicMaskEngine, SparseWeight, name_seed
+from .engine import DynamicMaskEngine, SparseWeight
+from .init import name_seed
 
 
 class SET(DynamicMaskEngine):

@@ -16,10 +16,22 @@ the engine keeps the weights exactly zero off the mask after every step, so in e
 forward uses ``W`` itself (no product tensor per forward, which costs several percent of a CPU
 training step) and only the backward multiplies the gradient by the mask. Outputs and gradients
 are the same as with ``W * M``. Traced, scripted and compiled code always computes ``W * M``.
+
+Deferred initialisation (`deferred_init()`): a rewrite that builds 4x the dense parameters
+(Sparse Parallel at 0.75) spent most of its time drawing weights and then masking them. Masked
+layers made by `new_layer` inside ``with deferred_init():`` skip their initialisation
+(``init_pending``) until `sparsity.init.init_masks` has drawn their mask and calls
+`MaskedLayer.init_on_mask`: the module type's own distribution, masked, drawn in place by NumPy
+from a per-layer stream (so the weights, like the masks, depend on the seed and layer name only).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 from typing import Dict, Iterator, Tuple
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -56,6 +68,8 @@ class MaskedLayer:
     target_density: float
     dense_grad: bool = False       # straight-through mode, see the module docstring
     engine_managed: bool = False   # weights are zero off the mask (a mask engine guarantees it)
+
+    init_pending: bool = False     # weights not drawn yet (deferred_init); init_on_mask draws them
 
     def _init_mask(self) -> None:
         self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool))
@@ -95,7 +109,31 @@ class MaskedLayer:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(self.weight.shape)}")
         with torch.no_grad():
             self.weight_mask.copy_(mask.to(torch.bool))
-            self.weight.mul_(self.weight_mask.to(self.weight.dtype))
+            self.weight.masked_fill_(~self.weight_mask, 0)
+
+    def init_on_mask(self, generator: np.random.Generator) -> None:
+        """Draw the weights as ``reset_parameters`` does, then zero them off the mask.
+
+        `nn.Linear` and `nn.ConvNd` draw W and b from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Kaiming
+        uniform with a = sqrt(5)). NumPy draws and masks in place in about half the time of torch's
+        ``uniform_`` followed by a masked product, which matters at 4x the dense parameter count.
+        """
+        fan_in = self.weight[0].numel()
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        with torch.no_grad():
+            weight = self.weight.detach()
+            in_place = weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+            values = weight.numpy() if in_place else np.empty(tuple(weight.shape), np.float32)
+            generator.random(out=values, dtype=np.float32)
+            values *= 2 * bound
+            values -= bound
+            np.multiply(values, self.weight_mask.cpu().numpy(), out=values)
+            if not in_place:
+                self.weight.copy_(torch.from_numpy(values))
+            if self.bias is not None:
+                bias = generator.random(tuple(self.bias.shape), dtype=np.float32) * (2 * bound) - bound
+                self.bias.copy_(torch.from_numpy(bias))
+        self.init_pending = False
 
     @property
     def density(self) -> float:
@@ -150,14 +188,42 @@ _PLAIN_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 WEIGHT_LAYER_TYPES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+_DEFER_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("sift_defer_init", default=False)
+
+
+@contextlib.contextmanager
+def deferred_init() -> Iterator[None]:
+    """Masked layers made by `new_layer` in this block leave their weights to `init_masks`.
+
+    Their weights hold uninitialised memory and ``init_pending`` is True until
+    `sparsity.init.init_masks` (the `InitMasksPass`) draws the mask and then the kept weights.
+    """
+    token = _DEFER_INIT.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_INIT.reset(token)
+
+
 def new_layer(layer: nn.Module, masked: bool = True, **overrides) -> nn.Module:
     """A fresh layer with ``layer``'s hyper-parameters, optionally changed.
 
     ``new_layer(conv, out_channels=2 * conv.out_channels)`` gives a `MaskedConv2d` with new
     weights, initialised as the module type initialises them, and an all-ones mask;
-    ``masked=False`` gives the plain `nn.Conv2d`.
+    ``masked=False`` gives the plain `nn.Conv2d`. Inside `deferred_init()` a masked layer's
+    weights are left for `init_masks` to draw.
     """
-    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    if masked and _DEFER_INIT.get():
+        # built on the meta device (no initialisation), then given real, uninitialised storage
+        fresh = _build_layer(layer, True, "meta", overrides).to_empty(device=layer.weight.device)
+        fresh.weight_mask.fill_(True)
+        fresh.init_pending = True
+        return fresh
+    return _build_layer(layer, masked, layer.weight.device, overrides)
+
+
+def _build_layer(layer: nn.Module, masked: bool, device, overrides: Dict) -> nn.Module:
+    factory = {"device": device, "dtype": layer.weight.dtype}
     if isinstance(layer, nn.Linear):
         args = dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None)
         args.update(overrides)
@@ -190,11 +256,13 @@ def masks(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 def masked_copy(layer: nn.Module) -> nn.Module:
     """A masked layer computing exactly what ``layer`` computes (same weights, all-ones mask)."""
-    masked = new_layer(layer, masked=True)
+    with deferred_init():  # the copy overwrites the weights: drawing them first would be wasted
+        masked = new_layer(layer, masked=True)
     with torch.no_grad():
         masked.weight.copy_(layer.weight)
         if layer.bias is not None:
             masked.bias.copy_(layer.bias)
+    masked.init_pending = False
     masked.train(layer.training)
     return masked
 
