@@ -5,10 +5,10 @@ by sift-compiler, exact-count random masks, iso-FLOP compensation), exported to 
 DeepSparse outputs against onnxruntime on every file), then timed on both engines in the same
 run. For each model it reports DeepSparse's speedup over onnxruntime (paper: 5.2x for Sparse Wide
 at 90%, batch 64, 224 x 224) and its DeepSparse latency relative to the dense model (ideal 1.0).
-``--forms auto`` adds Sparse Parallel in other export forms (here: ReLU branches kept), to show
-what the export form is worth.
+``--forms stacked-conv`` adds Sparse Parallel in other export forms (the default ``auto`` keeps
+the ReLU branches; ``stacked-conv`` stacks them into one conv), to show what the form is worth.
 
-    python benchmarks/deepsparse_resnet18.py --batch-size 64 --forms auto --json r18.json --markdown r18.md --plot r18.png
+    python benchmarks/deepsparse_resnet18.py --batch-size 64 --forms stacked-conv --json r18.json --markdown r18.md --plot r18.png
     python benchmarks/deepsparse_resnet18.py --batch-size 16 --iterations 3 --sparsity 0.9   # quick
 
 Transforms not available in this build (Sparse Wide before it lands) are skipped with a note.
@@ -47,7 +47,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--sparsity", default="0.5,0.75,0.9")
     p.add_argument("--transforms", default="wide,parallel")
     p.add_argument("--forms", default="",
-                   help=f"extra export forms for Sparse Parallel besides {DEFAULT_FORM} (e.g. auto)")
+                   help=f"extra export forms for Sparse Parallel besides {DEFAULT_FORM} (e.g. stacked-conv)")
     p.add_argument("--engines", default="deepsparse,onnxruntime")
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

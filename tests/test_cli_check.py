@@ -86,7 +86,7 @@ def test_a_good_file_passes_every_check(exported, tmp_path, capsys):
     assert "FAILED" not in out and "sift-check: all checks hold (1 file)" in out
     data = json.loads(report.read_text())
     assert data["ok"] is True and data["files"][0]["fraction_of_supported_ops"] == 1.0
-    assert len(data["files"][0]["layers"]) == 2  # one stacked conv per Sparse Parallel layer
+    assert len(data["files"][0]["layers"]) == 8  # 2 Sparse Parallel layers x 4 branches (form auto, verified)
     assert _sha(path) == before  # DeepSparse compiled it for batch 3 without rewriting the file
 
 
@@ -120,7 +120,7 @@ def test_changed_outputs_fail_against_the_torch_model(exported, tmp_path, capsys
 def test_min_sparsity_fails_below_and_uses_all_middle_weights_without_metadata(exported, tmp_path, capsys):
     path = exported[0]
     assert run([path, "--no-deepsparse", "--min-sparsity", "0.9"]) == 1
-    assert "min-sparsity: 2 of 2 sparse layers below 0.9" in capsys.readouterr().err
+    assert "min-sparsity: 8 of 8 sparse layers below 0.9" in capsys.readouterr().err
     stripped = _copy(path, tmp_path, "stripped.onnx")
     model = onnx.load(stripped)
     del model.metadata_props[:]

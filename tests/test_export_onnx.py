@@ -18,7 +18,7 @@ from onnx import numpy_helper
 import sift_compiler as sift
 from sift_compiler.errors import UserInputError
 from sift_compiler.exporters import onnx as onnx_exporter
-from sift_compiler.exporters.forms import apply_form
+from sift_compiler.exporters.forms import DEFAULT_FORM, apply_form
 from sift_compiler.exporters.onnx import export_onnx
 from sift_compiler.exporters.runtimes import open_engine
 from sift_compiler.exporters.weights import layers_from_metadata, weight_arrays
@@ -98,15 +98,30 @@ def _conv_readers(model) -> dict:
 
 
 @pytest.mark.deepsparse
-def test_parallel_resnet18_has_no_summed_convs_and_runs_any_batch(tmp_path_factory):
-    """Default form: one stacked conv and a 1x1 sum per layer, so no input feeds the branch convs DeepSparse mis-sums."""
-    _, info, x = resnet18_export("parallel", tmp_path_factory)
+def test_parallel_resnet18_has_no_summed_convs_and_runs_any_batch(tmp_path_factory, tmp_path):
+    """stacked-conv: one stacked conv and a 1x1 sum per layer, so no input feeds the branch convs DeepSparse mis-sums."""
+    result, _, x = resnet18_export("parallel", tmp_path_factory)
+    info = export_onnx(result.module, (x,), str(tmp_path / "stacked.onnx"), form="stacked-conv", deepsparse="require")
+    assert info.verification.ok, info.verification.table()
     model = onnx.load(info.path)
     assert max(_conv_readers(model).values()) == 2  # a block input feeds its stacked conv1 and its downsample only
     assert sum(node.op_type == "Add" for node in model.graph.node) == 8  # the residual adds, nothing else
     assert not any(node.op_type == "BatchNormalization" for node in model.graph.node)  # all folded
     engine = open_engine("deepsparse", info.path, 3, None, [[3, 3, 64, 64]])
     assert engine.run({"input": np.random.randn(3, 3, 64, 64).astype(np.float32)})[0].shape == (3, 1000)
+
+
+def test_auto_form_without_a_deepsparse_check_writes_the_stacked_form(tmp_path_factory, tmp_path):
+    """The default form keeps branches only where DeepSparse verified them on the file."""
+    import torchvision
+    assert DEFAULT_FORM == "auto"
+    result, _, x = resnet18_export("parallel", tmp_path_factory)
+    info = export_onnx(result.module, (x,), str(tmp_path / "r18.onnx"), deepsparse="skip")
+    assert info.form == "stacked-conv" and info.verification.ok, info.verification.table()
+    assert info.notes[0].startswith("form auto: 16 Sparse Parallel layers written as stacked-conv"), info.notes
+    assert max(_conv_readers(onnx.load(info.path)).values()) == 2
+    dense = sift.compile(torchvision.models.resnet18(), "none", 0.0, (x,)).module  # nothing to stack: no note
+    assert not any("form auto" in n for n in export_onnx(dense, (x,), str(tmp_path / "d.onnx"), deepsparse="skip").notes)
 
 
 @pytest.mark.deepsparse

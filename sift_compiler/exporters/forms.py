@@ -11,24 +11,28 @@ the convs and the sum (docs/deployment.md), and whose speed depends on the form:
                           split into B slices, Add chain
 ``stacked-reduce``        ONE layer -> norm -> act, reshape to (N, B, C_out, ...), ReduceSum over B
                           (DeepSparse does not run ReduceSum itself: it falls back to onnxruntime)
-``stacked-conv``          (default) ONE layer -> norm -> act, then a fixed 0/1 1x1 conv (a MatMul for
+``stacked-conv``          ONE layer -> norm -> act, then a fixed 0/1 1x1 conv (a MatMul for
                           Linear) B*C_out -> C_out that adds the branches. No two layers read one input,
                           so the bug has nothing to match; the norm that follows folds into the 1x1 conv
-``auto``                  per layer: branches whose activation is non-linear (ReLU, GELU, SiLU: every
-                          sift model) stay ``branches``, exact on every shape tested; linear sums (no
-                          activation: the bug's shape) become ``stacked-conv``. The exporter
-                          re-exports as ``stacked-conv`` if DeepSparse disagrees with onnxruntime
+``auto``                  (default) per layer: branches whose activation is non-linear (ReLU, GELU,
+                          SiLU: every sift model) stay ``branches``, exact on every shape tested;
+                          linear sums (no activation: the bug's shape) become ``stacked-conv``. The
+                          exporter keeps branches only where DeepSparse verified them on the file:
+                          it re-exports as ``stacked-conv`` if DeepSparse disagrees with onnxruntime
+                          or cannot check (not installed, ``deepsparse="skip"``, ``verify=False``)
 ========================  ==========================================================================
 
 Measured on ResNet-18 on DeepSparse (2 cores; docs/deployment.md): on idle cores the branch form
-is the faster one at s = 0.9 (1.9-2.0x the dense latency against 2.3-2.4x; equal within 5% at 0.5
-and 0.75), but when other work shares the cores it degrades most (2.9-3.3x against 2.1x), while
-``stacked-conv`` stays steady and cannot meet the bug at all: hence the default; ``auto`` is the
-choice for dedicated, idle cores. Each branch's BatchNorm has per-channel statistics, so
-stacking them is a norm over B*C_out channels with the concatenated statistics: the same numbers
-channel by channel (LayerNorms after Linear branches normalize each branch's slice on its own). Nothing is approximated; tests/test_export_forms.py checks every form against the
-trained module on many shapes, tests/test_deepsparse_forms.py checks ``stacked-conv`` and
-``auto`` on DeepSparse.
+is the faster one (batch 64: 1.95x the dense latency at s = 0.9 against 2.28x for ``stacked-conv``,
+1.60x against 1.78x at 0.75, equal at 0.5), hence the default ``auto``. When other work shares the
+cores the branch form degrades most (2.9-3.3x against 2.1x) while ``stacked-conv`` stays steady
+and cannot meet the bug at all: the choice for shared cores, and what ``auto`` falls back to.
+
+Each branch's BatchNorm has per-channel statistics, so stacking them is a norm over B*C_out
+channels with the concatenated statistics: the same numbers channel by channel (LayerNorms after
+Linear branches normalize each branch's slice on its own). Nothing is approximated;
+tests/test_export_forms.py checks every form against the trained module on many shapes,
+tests/test_deepsparse_forms.py checks ``stacked-conv`` and ``auto`` on DeepSparse.
 
 ``apply_form(gm, form)`` returns a rewritten *copy*; groups that do not have the expected shape
 (mixed activations, a norm that is not per-channel) stay as branches and get a note saying why.
@@ -49,7 +53,7 @@ from ..sparsity.layers import MaskedLayer, new_layer
 
 FORMS = ("auto", "branches", "stacked-add", "stacked-reduce", "stacked-conv")
 SAFE_FORM = "stacked-conv"  # no sum of layers that read one input: what "auto" falls back to
-DEFAULT_FORM = SAFE_FORM
+DEFAULT_FORM = "auto"     # the fastest on idle cores, kept only where DeepSparse verified it
 PARALLEL_RULE = "sparse-parallel"
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

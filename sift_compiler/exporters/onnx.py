@@ -2,9 +2,10 @@
 
 ``export_onnx(module, (x,), "model.onnx")``:
 
-1. writes Sparse Parallel layers in the export form ``form`` (`exporters.forms`; default
-   ``stacked-conv``: one wide sparse conv and a fixed 1x1 conv that sums the branches), an equal
-   function that DeepSparse runs steadily and, unlike summed convs, correctly;
+1. writes Sparse Parallel layers in the export form ``form`` (`exporters.forms`; default ``auto``:
+   activated branches as trained, which idle DeepSparse cores run fastest, linear sums as
+   ``stacked-conv``, one wide sparse conv and a fixed 1x1 conv that sums the branches), an equal
+   function that DeepSparse runs fast and, unlike summed convs, correctly;
 2. replaces every masked layer with the plain layer holding ``where(mask, W, 0)``;
 3. exports with the TorchScript exporter (``dynamo=False``, opset 13 to 17: what DeepSparse 1.8
    and onnxruntime both load, IR <= 9) with a dynamic batch axis and Conv+BatchNorm folded.
@@ -16,8 +17,9 @@
    limit), or when ``external_data=True``;
 6. verifies the written file (`exporters.checks`: onnx checker, per-layer sparsity, onnxruntime
    against torch, DeepSparse compiles it and agrees with onnxruntime) and, with ``strict``,
-   refuses to publish a file that fails. If DeepSparse disagrees on a ``form="auto"`` export that
-   kept branches, it exports again as ``stacked-conv``. Files appear whole, verified, or not at all.
+   refuses to publish a file that fails. A ``form="auto"`` export keeps branches only where
+   DeepSparse verified them: if DeepSparse disagrees with onnxruntime, or cannot check the file,
+   it is written as ``stacked-conv``. Files appear whole, verified, or not at all.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from ..unit import bind_placeholders
 from .checks import DEFAULT_RTOL, Verification, verify_onnx
 from .forms import DEFAULT_FORM, FORMS, SAFE_FORM, apply_form
 from .inputs import inputs_metadata
+from .runtimes import deepsparse_status
 from .weights import (META_EXPORT, META_INPUTS, META_LAYERS, LayerSparsity, layer_patterns, layers_to_metadata,
                       match_layers, set_metadata)
 
@@ -284,6 +287,13 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwarg
     check_writable(path, "ONNX file")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
     prep = _prepare(module, args, dict(example_kwargs or {}), form, dynamic_batch, input_names, verify)
+    unchecked = _why_deepsparse_cannot_check(verify, deepsparse) if prep.branch_groups else ""
+    if unchecked:  # branches nobody can verify on DeepSparse here are not shipped: use the form with no bug to meet
+        groups = len(prep.branch_groups)
+        form = SAFE_FORM
+        prep = _prepare(module, args, dict(example_kwargs or {}), form, dynamic_batch, input_names, verify)
+        prep.notes.insert(0, f"form auto: {groups} Sparse Parallel layers written as {SAFE_FORM}, not as branches, "
+                             f"because DeepSparse cannot verify the branch form here ({unchecked})")
     settings = {"opset": opset, "fold_batch_norm": fold_batch_norm, "external_data": external_data,
                 "metadata": _export_metadata(module, form, opset)}
     directory = os.path.dirname(os.path.abspath(path))
@@ -332,3 +342,13 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwarg
 
 def _deepsparse_disagrees(verification: Verification) -> bool:
     return any(c.name == "deepsparse-vs-onnxruntime" and not (c.ok or c.skipped) for c in verification.checks)
+
+
+def _why_deepsparse_cannot_check(verify: bool, deepsparse: str) -> str:
+    """Why DeepSparse will not compare its outputs with onnxruntime's on this export ("" if it will)."""
+    if not verify:
+        return "verify=False"
+    if deepsparse == "skip":
+        return "its check was skipped"
+    usable, reason = deepsparse_status()
+    return "" if usable else reason
