@@ -207,16 +207,17 @@ class _Prepared:
     reference: Optional[List[np.ndarray]]
     notes: List[str]
     branch_groups: List[str]
+    stacked_groups: List[str]
 
 
 def _prepare(module: nn.Module, args: tuple, kwargs: dict, form: str, dynamic_batch: bool,
              input_names: Optional[Sequence[str]], verify: bool) -> _Prepared:
     """Apply the export form, bake masks, name inputs and outputs, and run torch for the reference."""
     notes: List[str] = []
-    formed, branch_groups = module, []
+    formed, branch_groups, stacked_groups = module, [], []
     if isinstance(module, fx.GraphModule) and form != "branches":
         result = apply_form(module, form)
-        formed, branch_groups = result.module, result.branch_groups
+        formed, branch_groups, stacked_groups = result.module, result.branch_groups, result.rewritten
         notes += result.notes
     patterns = layer_patterns(formed)
     baked = bake_masks(formed, inplace=formed is not module).eval()  # apply_form already copied
@@ -236,7 +237,8 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, form: str, dynamic_ba
                 reference = [t.detach().cpu().numpy() for t in _tensors(module(*args, **kwargs))]
     output_names = ["output"] + [f"output_{i}" for i in range(1, len(outputs))]
     axes = _dynamic_axes(names, inputs, output_names, outputs) if dynamic_batch else {}
-    return _Prepared(baked, inputs, names, output_names, axes, patterns, reference, notes, branch_groups)
+    return _Prepared(baked, inputs, names, output_names, axes, patterns, reference, notes, branch_groups,
+                     stacked_groups)
 
 
 def _write_staged(prep: _Prepared, stage: str, target_name: str, settings: Dict[str, Any]):
@@ -286,14 +288,13 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwarg
         raise UserInputError(f"unknown export form {form!r}: choose one of {', '.join(FORMS)}")
     check_writable(path, "ONNX file")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
-    prep = _prepare(module, args, dict(example_kwargs or {}), form, dynamic_batch, input_names, verify)
-    unchecked = _why_deepsparse_cannot_check(verify, deepsparse) if prep.branch_groups else ""
+    unchecked = _why_deepsparse_cannot_check(verify, deepsparse) if form == "auto" else ""
     if unchecked:  # branches nobody can verify on DeepSparse here are not shipped: use the form with no bug to meet
-        groups = len(prep.branch_groups)
         form = SAFE_FORM
-        prep = _prepare(module, args, dict(example_kwargs or {}), form, dynamic_batch, input_names, verify)
-        prep.notes.insert(0, f"form auto: {groups} Sparse Parallel layers written as {SAFE_FORM}, not as branches, "
-                             f"because DeepSparse cannot verify the branch form here ({unchecked})")
+    prep = _prepare(module, args, dict(example_kwargs or {}), form, dynamic_batch, input_names, verify)
+    if unchecked and prep.stacked_groups:
+        prep.notes.insert(0, f"form auto: {len(prep.stacked_groups)} Sparse Parallel layers written as {SAFE_FORM}, "
+                             f"not as branches, because DeepSparse cannot verify the branch form here ({unchecked})")
     settings = {"opset": opset, "fold_batch_norm": fold_batch_norm, "external_data": external_data,
                 "metadata": _export_metadata(module, form, opset)}
     directory = os.path.dirname(os.path.abspath(path))

@@ -62,7 +62,7 @@ class LayerRewritePass(Pass):
 
     def __init__(self, sparsity: float, defer_init: bool = False) -> None:
         self.sparsity = sparsity
-        # leave the new sparse weights to InitMasksPass, which draws them on the mask only
+        # leave the new sparse weights to InitMasksPass, which draws and masks them in one go
         self.defer_init = defer_init
 
     def build(self, unit, layer: WeightLayer, module: nn.Module) -> Tuple[nn.Module, str]:

@@ -28,6 +28,7 @@ so every rank computes the same masks without any communication of its own.
 from __future__ import annotations
 
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserInputError
-from .init import exact_count, name_seed
+from .init import exact_count
 from .layers import MaskedLayer, iter_masked, new_layer
 from .nm import check_nm, is_transposable_nm, nm_shape_problem, random_nm_mask, regrow_nm
 from .schedules import UpdateSchedule
@@ -71,6 +72,11 @@ def unwrap(module: nn.Module) -> nn.Module:
             module = module._orig_mod
         else:
             return module
+
+
+def name_seed(seed: int, name: str, step: int = 0) -> int:
+    """A generator seed from (seed, parameter name, step): equal on every rank, independent of order."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + step) % (2 ** 63)
 
 
 class MaskEngine:

@@ -9,8 +9,7 @@ from typing import Optional
 
 import torch
 
-from .engine import DynamicMaskEngine, SparseWeight
-from .init import name_seed
+from .engine import DynamicMaskEngine, SparseWeight, name_seed
 
 
 class SET(DynamicMaskEngine):

@@ -23,11 +23,6 @@ def exact_count(density: float, numel: int) -> int:
     return min(numel, max(1, int(round(density * numel))))
 
 
-def name_seed(seed: int, name: str, step: int = 0) -> int:
-    """A generator seed from (seed, parameter name, step): equal on every rank, independent of order."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + step) % (2 ** 63)
-
-
 def layer_generator(seed: int, name: str, stream: int = 0) -> np.random.Generator:
     """A random stream of one layer (0: its mask, 1: its initial weights): a function of
     (seed, layer name, stream) only."""
@@ -61,15 +56,15 @@ def init_masks(module: nn.Module, seed: int = 0, only_fresh: bool = True) -> Dic
     layers it drew masks or weights for.
 
     ``only_fresh`` leaves layers that already carry a mask (not all ones) alone. Layers built
-    under `deferred_init` then get their weights, drawn on the mask only from a generator seeded
-    by (seed, layer name): the same weights for the same seed, in any process.
+    under `deferred_init` then get their weights (`MaskedLayer.init_on_mask`), from a generator
+    seeded by (seed, layer name): the same weights for the same seed, in any process.
     """
     drawn = {}
     for name, layer in sorted(iter_masked(module), key=lambda item: item[0]):
         pending = layer.init_pending
         if layer.target_density < 1.0 and (pending or not only_fresh or bool(layer.weight_mask.all())):
             mask = random_mask(tuple(layer.weight.shape), layer.target_density, layer_generator(seed, name))
-            if pending:  # the weights are drawn on the mask below
+            if pending:  # the weights are drawn, and masked, below
                 layer.weight_mask.copy_(mask)
             else:
                 layer.set_mask(mask.to(layer.weight.device))
@@ -78,4 +73,3 @@ def init_masks(module: nn.Module, seed: int = 0, only_fresh: bool = True) -> Dic
             layer.init_on_mask(layer_generator(seed, name, stream=1))
             drawn.setdefault(name, layer.weight.numel())
     return drawn
-

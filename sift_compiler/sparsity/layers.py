@@ -32,7 +32,6 @@ import math
 from typing import Dict, Iterator, Tuple
 
 import numpy as np
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -109,7 +108,7 @@ class MaskedLayer:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(self.weight.shape)}")
         with torch.no_grad():
             self.weight_mask.copy_(mask.to(torch.bool))
-            self.weight.masked_fill_(~self.weight_mask, 0)
+            self.weight.mul_(self.weight_mask.to(self.weight.dtype))
 
     def init_on_mask(self, generator: np.random.Generator) -> None:
         """Draw the weights as ``reset_parameters`` does, then zero them off the mask.
@@ -196,7 +195,7 @@ def deferred_init() -> Iterator[None]:
     """Masked layers made by `new_layer` in this block leave their weights to `init_masks`.
 
     Their weights hold uninitialised memory and ``init_pending`` is True until
-    `sparsity.init.init_masks` (the `InitMasksPass`) draws the mask and then the kept weights.
+    `sparsity.init.init_masks` (the `InitMasksPass`) draws the mask and then the weights.
     """
     token = _DEFER_INIT.set(True)
     try:
