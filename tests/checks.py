@@ -10,6 +10,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from sift_compiler.sparsity.layers import WEIGHT_LAYER_TYPES, MaskedLayer, iter_masked
 
 
+def exit_status(main, argv) -> int:
+    """The exit status a console script's ``main`` would give (argparse errors raise SystemExit)."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as e:
+        return int(e.code)
+
+
 def tensors(out):
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 

@@ -10,6 +10,7 @@ import pytest
 
 from sift_compiler.cli.bench import main
 from sift_compiler.exporters.variants import export_variants
+from checks import exit_status
 from test_cli_check import tiny_net  # noqa: F401  (the spec below imports it from this module)
 
 SPEC = "test_cli_bench:tiny_net"
@@ -18,10 +19,7 @@ QUICK = ["--batch-size", "2", "--iterations", "3", "--warmup", "1", "--no-progre
 
 
 def run(argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as e:
-        return int(e.code)
+    return exit_status(main, argv)
 
 
 @pytest.fixture(scope="module")

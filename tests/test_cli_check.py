@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from sift_compiler.cli.check import main
 from sift_compiler.exporters.variants import export_variants
 from sift_compiler.exporters.weights import META_LAYERS, get_metadata
+from checks import exit_status
 
 SPEC = "test_cli_check:tiny_net"
 
@@ -30,11 +31,7 @@ def tiny_net() -> nn.Module:
 
 
 def run(argv) -> int:
-    """The exit status the console script would have (argparse errors raise SystemExit)."""
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as e:
-        return int(e.code)
+    return exit_status(main, argv)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,12 @@
 """Passes one at a time: structure after the pass, honest `modified`, analyses, pipelines."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sift_compiler as sift
 from sift_compiler.analyses import FlopAnalysis, ShapeAnalysis
@@ -14,6 +17,7 @@ from sift_compiler.passes import (DopedLayer, FactorizedLayer, ParallelBranches,
                                   SparseFactorizedPass, SparseParallelPass)
 from sift_compiler.passes.sparse_parallel import num_branches
 from sift_compiler.sparsity import MaskedConv2d, MaskedLinear
+from sift_compiler.sparsity.layers import unit_to_symmetric
 from sift_compiler.unit import CompilationUnit
 
 
@@ -190,3 +194,15 @@ def test_a_pass_used_alone_gives_initialised_weights():
     branch = unit.module.get_submodule("a.branches.0.layer")
     assert not branch.init_pending and torch.isfinite(branch.weight).all()
     assert branch.weight.abs().max() <= 1 / branch.weight[0].numel() ** 0.5
+
+
+@given(steps=st.lists(st.integers(0, 2 ** 24 - 1), min_size=1, max_size=50),
+       bound=st.floats(1e-3, 10.0))
+def test_initial_weights_are_never_exactly_zero(steps, bound):
+    """Draws on NumPy's float32 grid (k * 2^-24), the middle one and both ends included, map to
+    non-zero values inside (-bound, bound), symmetric around 0."""
+    u = np.array(steps + [2 ** 23, 0, 2 ** 24 - 1], dtype=np.float64) * 2.0 ** -24
+    values = unit_to_symmetric(u.astype(np.float32), bound)
+    assert np.all(values != 0) and np.all(np.abs(values) < bound * (1 + 1e-6))
+    mirrored = unit_to_symmetric(((2 ** 24 - 1) * 2.0 ** -24 - u).astype(np.float32), bound)
+    np.testing.assert_array_equal(mirrored, -values)

@@ -123,14 +123,12 @@ class MaskedLayer:
             weight = self.weight.detach()
             in_place = weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
             values = weight.numpy() if in_place else np.empty(tuple(weight.shape), np.float32)
-            generator.random(out=values, dtype=np.float32)
-            values *= 2 * bound
-            values -= bound
+            _symmetric_uniform(generator, values, bound)
             np.multiply(values, self.weight_mask.cpu().numpy(), out=values)
             if not in_place:
                 self.weight.copy_(torch.from_numpy(values))
             if self.bias is not None:
-                bias = generator.random(tuple(self.bias.shape), dtype=np.float32) * (2 * bound) - bound
+                bias = _symmetric_uniform(generator, np.empty(tuple(self.bias.shape), np.float32), bound)
                 self.bias.copy_(torch.from_numpy(bias))
         self.init_pending = False
 
@@ -140,6 +138,26 @@ class MaskedLayer:
 
     def extra_repr(self) -> str:  # shown by print(model)
         return f"{super().extra_repr()}, density={self.density:.4f}"
+
+
+def _symmetric_uniform(generator: np.random.Generator, out: np.ndarray, bound: float) -> np.ndarray:
+    """Fill ``out`` (float32) with U(-bound, bound) on a grid that is symmetric and misses 0."""
+    generator.random(out=out, dtype=np.float32)
+    return unit_to_symmetric(out, bound)
+
+
+def unit_to_symmetric(u: np.ndarray, bound: float) -> np.ndarray:
+    """Map float32 draws u in [0, 1) (multiples of 2^-24) in place to (-bound, bound), never 0.
+
+    2u - 1 + 2^-24 is exact in float32 and lands on the odd multiples of 2^-24 in (-1, 1). A plain
+    ``2u - 1`` is exactly 0 at u = 0.5, and a weight that is 0 inside its mask would make the
+    file's non-zeros disagree with the FLOP report.
+    """
+    u *= 2
+    u -= 1
+    u += 2.0 ** -24
+    u *= bound
+    return u
 
 
 class MaskedLinear(MaskedLayer, nn.Linear):
