@@ -67,9 +67,13 @@ def test_transform_invariants(name, transform, sparsity, tmp_path):
     module.eval()
     with torch.no_grad():
         expected = [t.numpy() for t in tensors(module(*case.args, **case.kwargs))]
-    path = str(tmp_path / "model.onnx")
-    # the exporter's own checks (DeepSparse included) run in tests/test_export_*; here: onnxruntime vs torch
-    info = sift.export_onnx(module, case.args, path, case.kwargs, verify=False)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    path = tmp_path / "model.onnx"
+    try:
+        # the exporter's own checks (DeepSparse included) run in tests/test_export_*; here: onnxruntime vs torch
+        info = sift.export_onnx(module, case.args, str(path), case.kwargs, verify=False)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    finally:  # up to ~1 GB per file: 108 of them would fill a CI disk, failed tests included
+        for leftover in tmp_path.iterdir():
+            leftover.unlink()
     feed = {n: t.numpy() for n, t in zip(info.input_names, tensors((case.args, case.kwargs)))}
     assert_allclose_outputs(session.run(None, feed), expected)
