@@ -6,10 +6,12 @@ and agrees with onnxruntime. The tests then check the file independently of thos
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
@@ -17,6 +19,7 @@ from onnx import numpy_helper
 
 import sift_compiler as sift
 from sift_compiler.errors import UserInputError
+from checks import tensors
 from sift_compiler.exporters import onnx as onnx_exporter
 from sift_compiler.exporters.forms import DEFAULT_FORM, apply_form
 from sift_compiler.exporters.onnx import export_onnx
@@ -25,7 +28,8 @@ from sift_compiler.exporters.weights import layers_from_metadata, weight_arrays
 from sift_compiler.pipelines import TRANSFORM_PIPELINES, pipeline_names
 from sift_compiler.sparsity.layers import MaskedConv2d, iter_masked
 
-ALL_CHECKS = {"onnx-checker", "sparsity", "onnxruntime-vs-torch", "deepsparse-compiles", "deepsparse-vs-onnxruntime"}
+ALL_CHECKS = {"onnx-checker", "sparsity", "onnxruntime-vs-torch", "onnxruntime-other-shape", "deepsparse-compiles",
+              "deepsparse-vs-onnxruntime"}
 TRANSFORMS = ["none", "parallel", "factorized", "doped", "wide"]
 
 
@@ -164,6 +168,18 @@ def test_every_transform_of_a_transformer_exports_verified(bert, transform, tmp_
     assert all(la.nnz <= min(la.mask_nnz, la.max_nnz) for la in info.layers)
     # attention and embeddings partly fall back to DeepSparse's bundled onnxruntime: reported, not hidden
     assert 0.5 < info.verification.fraction_of_supported_ops <= 1.0
+    # captured by torch.export, yet the file takes any batch and sequence length
+    assert not any("static input shapes" in n for n in info.notes), info.notes
+    ids = onnx.load(info.path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in ids] == ["batch", "sequence"]
+    session = ort.InferenceSession(info.path, providers=["CPUExecutionProvider"])
+    for shape in [(3, 9), (1, 40)]:
+        tokens = torch.randint(0, 500, shape, generator=torch.Generator().manual_seed(shape[1]))
+        with torch.no_grad():
+            expected, = tensors(result.module.eval()(input_ids=tokens))
+        got, = session.run(None, {"input_ids": tokens.numpy()})
+        assert got.shape == tuple(expected.shape)
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_negative_zeros_from_batchnorm_folding_become_positive(tmp_path):
@@ -226,3 +242,69 @@ def test_bad_arguments_are_user_errors(tmp_path, kwargs, message):
         export_onnx(model, x, str(tmp_path / "m.onnx"), **kwargs)
     with pytest.raises(UserInputError, match="does not exist"):
         export_onnx(model, x, str(tmp_path / "missing" / "m.onnx"))
+
+
+class _FixedBatch(nn.Module):
+    """A model that hard-codes its batch size, as some user code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).view(1, -1))
+
+
+def test_a_hard_coded_batch_size_gives_a_static_file_with_a_note(tmp_path):
+    info = export_onnx(torch.fx.symbolic_trace(_FixedBatch().eval()), torch.randn(1, 3, 8, 8),
+                       str(tmp_path / "fixed.onnx"), deepsparse="skip")
+    assert info.verification.ok, info.verification.table()
+    assert any(n.startswith("static input shapes (1, 3, 8, 8): the model does not run at (2, 3, 8, 8) in torch")
+               for n in info.notes), info.notes
+    dims = onnx.load(info.path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, 8, 8]
+    assert os.listdir(tmp_path) == ["fixed.onnx"]
+
+
+class _BakedBatch(nn.Module):
+    """Runs at any batch in torch, but the exporter fixes the batch: a size read through `int()`."""
+
+    def forward(self, x):
+        return x.reshape(int(x.shape[0]), -1).sum(1, keepdim=True) * x.mean()
+
+
+def test_a_file_that_runs_only_at_the_example_shape_is_exported_again_with_static_shapes(tmp_path):
+    info = export_onnx(_BakedBatch().eval(), torch.randn(1, 3, 4), str(tmp_path / "baked.onnx"), deepsparse="skip")
+    assert info.verification.ok, info.verification.table()
+    assert any(n.startswith("static input shapes (1, 3, 4): the file did not run correctly at another batch")
+               for n in info.notes), info.notes
+    assert [d.dim_value for d in onnx.load(info.path).graph.input[0].type.tensor_type.shape.dim] == [1, 3, 4]
+    assert os.listdir(tmp_path) == ["baked.onnx"]  # the first, dynamic attempt left nothing behind
+
+
+class _SizedFill(nn.Module):
+    def forward(self, x):
+        return x + torch.full((x.shape[0], 1), 2.0)
+
+
+def test_a_size_passed_to_an_op_the_rewrite_does_not_know_gives_a_static_file_naming_the_op(tmp_path):
+    from sift_compiler.exporters.dynamic_shapes import UnsupportedSizeUse, make_sizes_traceable
+    batch = torch.export.Dim("batch", min=1, max=64)
+    unlifted = torch.export.export(_SizedFill(), (torch.randn(2, 3),), dynamic_shapes=({0: batch},),
+                                   strict=False).module()
+    graph_module = torch.fx.GraphModule(unlifted, unlifted.graph)  # what capture hands on: a plain GraphModule
+    with pytest.raises(UnsupportedSizeUse, match="aten.full.default"):
+        make_sizes_traceable(copy.deepcopy(graph_module))
+    info = export_onnx(graph_module, torch.randn(2, 3), str(tmp_path / "full.onnx"), deepsparse="skip")
+    assert info.verification.ok, info.verification.table()
+    assert any("passes a symbolic size to aten.full.default" in n for n in info.notes), info.notes
+
+
+def test_other_shape_inputs_grow_the_batch_and_shrink_token_sequences():
+    from sift_compiler.exporters.dynamic_shapes import other_shape_inputs
+    image, ids, scalar = torch.randn(2, 3, 4, 4), torch.arange(10).view(2, 5), torch.tensor(1.0)
+    (got_image, got_ids), kwargs = other_shape_inputs(((image, ids), {"t": scalar}))
+    assert got_image.shape == (3, 3, 4, 4) and torch.equal(got_image[2], image[0])
+    assert got_ids.shape == (3, 4) and torch.equal(got_ids[2], ids[0, :4])
+    assert kwargs["t"] is scalar

@@ -6,6 +6,9 @@
                                non-zeros of its mask, and at least its target sparsity (rounded)
 ``min-sparsity``               (when asked) every sparse layer is at least that sparse
 ``onnxruntime-vs-torch``       (when torch outputs are given) onnxruntime agrees with torch
+``onnxruntime-other-shape``    (when the file declares dynamic axes and torch outputs are given)
+                               onnxruntime agrees with torch at one more sample in the batch (and
+                               one token less, for token ids): no size was fixed at export
 ``deepsparse-compiles``        DeepSparse compiles the file; reports its fraction of supported ops
 ``deepsparse-supported-ops``   (when asked) that fraction is at least the minimum
 ``deepsparse-vs-onnxruntime``  DeepSparse's outputs agree with onnxruntime's. Runtimes have bugs:
@@ -20,7 +23,7 @@ of the outputs; FP32 reordering gives about 1e-6.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,6 +32,7 @@ from .runtimes import deepsparse_status, open_engine
 from .weights import LayerSparsity, load_onnx, layers_from_metadata, weight_arrays
 
 DEFAULT_RTOL = 1e-3
+OTHER_SHAPE_CHECK = "onnxruntime-other-shape"
 
 
 @dataclass
@@ -180,6 +184,10 @@ def overall_weight_sparsity(model) -> Optional[float]:
     return 1.0 - sum(t.nnz for t in tensors) / total if total else None
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [""])[0][:300]
+
+
 def _output_check(name: str, actual, expected, rtol: float, report: Verification) -> Check:
     try:
         error = compare_outputs(actual, expected)
@@ -221,12 +229,14 @@ def _deepsparse_checks(path: str, feeds, ort_outputs, rtol: float, min_supported
 def verify_onnx(path: str, feeds: Dict[str, np.ndarray], *, reference: Optional[Sequence[np.ndarray]] = None,
                 layers: Optional[List[LayerSparsity]] = None, missing: Sequence[str] = (),
                 min_sparsity: Optional[float] = None, rtol: float = DEFAULT_RTOL, deepsparse: str = "auto",
-                min_supported_ops: Optional[float] = None, num_cores: Optional[int] = None) -> Verification:
+                min_supported_ops: Optional[float] = None, num_cores: Optional[int] = None,
+                other_shape: Optional[Tuple[Dict[str, np.ndarray], Sequence[np.ndarray]]] = None) -> Verification:
     """Run every check on ``path`` (see the module docstring) and return them all; never raises on a failed check.
 
     ``feeds``: inputs by name; ``reference``: torch's outputs on them (enables onnxruntime-vs-torch);
     ``layers``/``missing``: the exporter's layer matching (default: the file's ``sift.layers``
-    metadata); ``deepsparse``: "auto" (skip when not installed), "require" or "skip".
+    metadata); ``deepsparse``: "auto" (skip when not installed), "require" or "skip";
+    ``other_shape``: (feeds, torch outputs) at another size of the file's dynamic axes.
 
     >>> report = verify_onnx("model.onnx", {"input": x})
     >>> report.ok, report.failures()
@@ -240,15 +250,27 @@ def verify_onnx(path: str, feeds: Dict[str, np.ndarray], *, reference: Optional[
     report.weight_sparsity = overall_weight_sparsity(model)
     report.checks += sparsity_checks(layers, missing, model, min_sparsity)
     del model
-    ort_outputs = None
+    ort_outputs, session = None, None
     try:
-        ort_outputs = open_engine("onnxruntime", path, 1, num_cores).run(feeds)
+        session = open_engine("onnxruntime", path, 1, num_cores)
+        ort_outputs = session.run(feeds)
         if reference is not None:
             report.checks.append(_output_check("onnxruntime-vs-torch", ort_outputs, reference, rtol, report))
         else:
             report.checks.append(Check("onnxruntime-runs", True, f"{len(ort_outputs)} outputs"))
     except Exception as e:  # onnxruntime refusing the file is a failed check, not a crash
-        report.checks.append(Check("onnxruntime-runs", False, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+        report.checks.append(Check("onnxruntime-runs", False, f"{type(e).__name__}: {_first_line(e)}"))
+    if other_shape is not None and ort_outputs is not None and session is not None:
+        other_feeds, other_reference = other_shape
+        shapes = ", ".join(f"{n} {tuple(v.shape)}" for n, v in other_feeds.items())
+        try:
+            outputs = session.run(other_feeds)
+        except Exception as e:
+            report.checks.append(Check(OTHER_SHAPE_CHECK, False, f"at {shapes}: {type(e).__name__}: {_first_line(e)}"))
+        else:
+            check = _output_check(OTHER_SHAPE_CHECK, outputs, other_reference, rtol, report)
+            report.checks.append(Check(check.name, check.ok, f"at {shapes}: {check.detail}"))
+    del session
     if deepsparse != "skip":
         report.checks += _deepsparse_checks(path, feeds, ort_outputs, rtol, min_supported_ops, deepsparse, num_cores,
                                             report)

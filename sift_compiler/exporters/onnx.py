@@ -8,7 +8,9 @@
    function that DeepSparse runs fast and, unlike summed convs, correctly;
 2. replaces every masked layer with the plain layer holding ``where(mask, W, 0)``;
 3. exports with the TorchScript exporter (``dynamo=False``, opset 13 to 17: what DeepSparse 1.8
-   and onnxruntime both load, IR <= 9) with a dynamic batch axis and Conv+BatchNorm folded.
+   and onnxruntime both load, IR <= 9) with a dynamic batch axis (and sequence axis for token
+   ids; torch.export graphs first get traceable sizes, `exporters.dynamic_shapes`) and
+   Conv+BatchNorm folded.
    Folding scales rows, so zeros stay zeros, but a negative scale turns +0.0 into -0.0: every
    -0.0 is rewritten to +0.0 so detectors that compare bits see zeros;
 4. records in the file's metadata which initializer holds which sparse layer (``sift.layers``)
@@ -19,7 +21,8 @@
    against torch, DeepSparse compiles it and agrees with onnxruntime) and, with ``strict``,
    refuses to publish a file that fails. A ``form="auto"`` export keeps branches only where
    DeepSparse verified them: if DeepSparse disagrees with onnxruntime, or cannot check the file,
-   it is written as ``stacked-conv``. Files appear whole, verified, or not at all.
+   it is written as ``stacked-conv``; a file whose dynamic axes fail at a second input shape
+   is written with the example's fixed shapes. Files appear whole, verified, or not at all.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,7 +45,8 @@ from ..errors import ExportError, UserInputError
 from ..io import check_writable
 from ..sparsity.layers import iter_masked, plain_copy
 from ..unit import bind_placeholders
-from .checks import DEFAULT_RTOL, Verification, verify_onnx
+from .checks import DEFAULT_RTOL, OTHER_SHAPE_CHECK, Verification, verify_onnx
+from .dynamic_shapes import UnsupportedSizeUse, has_symbolic_sizes, make_sizes_traceable, other_shape_inputs
 from .forms import DEFAULT_FORM, FORMS, SAFE_FORM, apply_form
 from .inputs import inputs_metadata
 from .runtimes import deepsparse_status
@@ -83,12 +87,6 @@ def bake_masks(module: nn.Module, inplace: bool = False) -> nn.Module:
     for name, layer in list(iter_masked(baked)):
         _set_submodule(baked, name, plain_copy(layer))
     return baked
-
-
-def _has_symbolic_sizes(module: nn.Module) -> bool:
-    """torch.export graphs read sizes with aten.sym_size, which the TorchScript tracer bakes in."""
-    return isinstance(module, fx.GraphModule) and any(
-        n.op == "call_function" and n.target is torch.ops.aten.sym_size.int for n in module.graph.nodes)
 
 
 def _positional(module: nn.Module, args, kwargs):
@@ -208,6 +206,7 @@ class _Prepared:
     notes: List[str]
     branch_groups: List[str]
     stacked_groups: List[str]
+    other_shape: Optional[Tuple[Dict[str, np.ndarray], List[np.ndarray]]] = None  # (feeds, torch outputs)
 
 
 def _prepare(module: nn.Module, args: tuple, kwargs: dict, form: str, dynamic_batch: bool,
@@ -222,11 +221,13 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, form: str, dynamic_ba
     patterns = layer_patterns(formed)
     baked = bake_masks(formed, inplace=formed is not module).eval()  # apply_form already copied
     del formed
-    if dynamic_batch and _has_symbolic_sizes(baked):
-        dynamic_batch = False
-        shapes = ", ".join(str(tuple(x.shape)) for x in _tensors((args, kwargs)))
-        notes.append(f"static input shapes {shapes}: graphs captured by torch.export export with fixed "
-                     "batch and sequence length (the TorchScript tracer bakes their symbolic sizes)")
+    if dynamic_batch and has_symbolic_sizes(baked):
+        try:
+            make_sizes_traceable(baked)
+        except UnsupportedSizeUse as e:
+            dynamic_batch = False
+            notes.append(f"static input shapes {_shapes((args, kwargs))}: the graph passes a symbolic size to "
+                         f"{e}, which the TorchScript exporter would fix at the example's value")
     inputs, names = _positional(baked, args, kwargs)
     names = list(input_names) if input_names else names
     reference = None
@@ -236,9 +237,27 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, form: str, dynamic_ba
             with _eval_mode(module):
                 reference = [t.detach().cpu().numpy() for t in _tensors(module(*args, **kwargs))]
     output_names = ["output"] + [f"output_{i}" for i in range(1, len(outputs))]
+    other_shape = None
+    if verify and dynamic_batch:  # a file that declares dynamic axes must also run at another shape
+        other_args, other_kwargs = other_shape_inputs((args, kwargs))
+        try:
+            with torch.no_grad(), _eval_mode(module):
+                other_reference = [t.detach().cpu().numpy() for t in _tensors(module(*other_args, **other_kwargs))]
+        except Exception as e:  # the model itself fixes a size (a hard-coded view, say)
+            dynamic_batch = False
+            notes.append(f"static input shapes {_shapes((args, kwargs))}: the model does not run at "
+                         f"{_shapes((other_args, other_kwargs))} in torch ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]})")
+        else:
+            other_inputs, _ = _positional(baked, other_args, other_kwargs)
+            other_shape = ({n: x.detach().cpu().numpy() for n, x in zip(names, other_inputs)}, other_reference)
     axes = _dynamic_axes(names, inputs, output_names, outputs) if dynamic_batch else {}
     return _Prepared(baked, inputs, names, output_names, axes, patterns, reference, notes, branch_groups,
-                     stacked_groups)
+                     stacked_groups, other_shape)
+
+
+def _shapes(tree) -> str:
+    return ", ".join(str(tuple(x.shape)) for x in _tensors(tree))
 
 
 def _write_staged(prep: _Prepared, stage: str, target_name: str, settings: Dict[str, Any]):
@@ -299,7 +318,7 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwarg
                 "metadata": _export_metadata(module, form, opset)}
     directory = os.path.dirname(os.path.abspath(path))
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    retry = False
+    retry: Optional[Tuple[Dict[str, Any], str]] = None  # (export_onnx arguments to change, note)
     try:
         staged_model, staged_data, layers, missing, ir_version = _write_staged(
             prep, stage, os.path.basename(path), settings)
@@ -309,11 +328,10 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwarg
             feeds = {n: x.detach().cpu().numpy() for n, x in zip(prep.names, prep.inputs)}
             info.verification = verify_onnx(staged_model, feeds, reference=prep.reference, layers=layers,
                                             missing=missing, rtol=rtol, deepsparse=deepsparse,
-                                            min_supported_ops=min_supported_ops)
+                                            min_supported_ops=min_supported_ops, other_shape=prep.other_shape)
             info.verification.path = path
-            if form == "auto" and prep.branch_groups and _deepsparse_disagrees(info.verification):
-                retry = True
-            elif strict and not info.verification.ok:
+            retry = _retry_for(info.verification, form, prep)
+            if retry is None and strict and not info.verification.ok:
                 failures = info.verification.failures()
                 hint = ""
                 if any("deepsparse-vs-onnxruntime" in f for f in failures):
@@ -324,25 +342,39 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwarg
                                     + "; ".join(failures) + hint)
                 error.verification = info.verification
                 raise error
-        if not retry:
+        if retry is None:
             _publish(([staged_data] if staged_data else []) + [staged_model], directory)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    if retry:  # a runtime bug on the activated-branch form: the stacked form has no sum of layers to get wrong
-        error = info.verification.errors["deepsparse-vs-onnxruntime"]
-        again = export_onnx(module, example_inputs, path, example_kwargs, opset=opset, dynamic_batch=dynamic_batch,
-                            input_names=input_names, fold_batch_norm=fold_batch_norm, form=SAFE_FORM,
-                            external_data=external_data, verify=verify, strict=strict, rtol=rtol,
-                            deepsparse=deepsparse, min_supported_ops=min_supported_ops)
-        again.notes.insert(0, f"DeepSparse disagreed with onnxruntime on the branch form of "
-                              f"{len(prep.branch_groups)} Sparse Parallel layers ({error.describe()}): "
-                              f"exported as {SAFE_FORM} instead")
+    if retry is not None:
+        arguments = dict(opset=opset, dynamic_batch=dynamic_batch, input_names=input_names,
+                         fold_batch_norm=fold_batch_norm, form=form, external_data=external_data, verify=verify,
+                         strict=strict, rtol=rtol, deepsparse=deepsparse, min_supported_ops=min_supported_ops)
+        changes, note = retry
+        again = export_onnx(module, example_inputs, path, example_kwargs, **{**arguments, **changes})
+        again.notes.insert(0, note)
         return again
     return info
 
 
-def _deepsparse_disagrees(verification: Verification) -> bool:
-    return any(c.name == "deepsparse-vs-onnxruntime" and not (c.ok or c.skipped) for c in verification.checks)
+def _retry_for(verification: Verification, form: str, prep: _Prepared) -> Optional[Tuple[Dict[str, Any], str]]:
+    """The export to try instead of publishing this one, with the note that says why (None: publish)."""
+    if form == "auto" and prep.branch_groups and _failed(verification, "deepsparse-vs-onnxruntime"):
+        # a runtime bug on the activated-branch form: the stacked form has no sum of layers to get wrong
+        error = verification.errors["deepsparse-vs-onnxruntime"]
+        return {"form": SAFE_FORM}, (f"DeepSparse disagreed with onnxruntime on the branch form of "
+                                     f"{len(prep.branch_groups)} Sparse Parallel layers ({error.describe()}): "
+                                     f"exported as {SAFE_FORM} instead")
+    if _failed(verification, OTHER_SHAPE_CHECK):
+        # the graph fixes a size somewhere (a hard-coded view, say): a file that runs only at the example's shape
+        detail = next(c.detail for c in verification.checks if c.name == OTHER_SHAPE_CHECK)
+        return {"dynamic_batch": False}, (f"static input shapes {_shapes(prep.inputs)}: the file did not run "
+                                          f"correctly at another batch size or sequence length ({detail})")
+    return None
+
+
+def _failed(verification: Verification, check: str) -> bool:
+    return any(c.name == check and not (c.ok or c.skipped) for c in verification.checks)
 
 
 def _why_deepsparse_cannot_check(verify: bool, deepsparse: str) -> str:
