@@ -21,7 +21,7 @@ it runs the file at a second input shape against torch (`other_shape_inputs`).
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Set
 
 import torch
 import torch.fx as fx
@@ -74,10 +74,9 @@ def _cumsum(x: torch.Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> t
     return torch.cumsum(x, dim, dtype=dtype)
 
 
-def _method(name: str, keep: Tuple[str, ...] = ()) -> Callable[[fx.Graph, fx.Node], fx.Node]:
+def _method(name: str) -> Callable[[fx.Graph, fx.Node], fx.Node]:
     def emit(graph: fx.Graph, node: fx.Node) -> fx.Node:
-        kwargs = {k: v for k, v in node.kwargs.items() if k in keep}
-        return graph.call_method(name, node.args[:2], kwargs)
+        return graph.call_method(name, node.args[:2])  # (tensor, sizes); aten's extra flags are autograd's
     return emit
 
 
@@ -91,7 +90,7 @@ def _function(fn: Callable) -> Callable[[fx.Graph, fx.Node], fx.Node]:
 SIZE_CONSUMERS: Dict[Any, Callable[[fx.Graph, fx.Node], fx.Node]] = {
     aten.view.default: _method("view"),
     aten.reshape.default: _method("reshape"),
-    aten.expand.default: _method("expand"),     # drops `implicit`, which only autograd reads
+    aten.expand.default: _method("expand"),
     aten.slice.Tensor: _function(_slice),
     aten.arange.default: _function(_arange),
     aten.arange.start: _function(_arange),
@@ -122,31 +121,31 @@ def make_sizes_traceable(module: fx.GraphModule) -> int:
     """
     graph = module.graph
     sizes = _size_nodes(graph)
-    consumers = [n for n in graph.nodes
-                 if n not in sizes and n.op == "call_function" and any(a in sizes for a in n.all_input_nodes)]
-    for node in consumers:
-        if node.target not in SIZE_CONSUMERS:
-            raise UnsupportedSizeUse(node)
-    replacements: Dict[fx.Node, Callable[[fx.Graph], fx.Node]] = {}
-    for node in graph.nodes:
+    consumers = {n for n in graph.nodes
+                 if n not in sizes and n.op == "call_function" and any(a in sizes for a in n.all_input_nodes)}
+    unsupported = [n for n in graph.nodes if n in consumers and n.target not in SIZE_CONSUMERS]
+    if unsupported:
+        raise UnsupportedSizeUse(unsupported[0])
+    changed = 0
+    for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target is aten.sym_size.int:
-            replacements[node] = lambda g, n=node: g.call_method("size", n.args, {})
-        elif node in consumers:
-            replacements[node] = lambda g, n=node: SIZE_CONSUMERS[n.target](g, n)
-        elif node.target in CONSTANT_ONLY_OPS:
-            replacements[node] = lambda g, n=node: g.call_function(CONSTANT_ONLY_OPS[n.target], n.args,
-                                                                   dict(n.kwargs))
-    for node, emit in replacements.items():
         with graph.inserting_before(node):
-            new = emit(graph)
+            if node.target is aten.sym_size.int:
+                new = graph.call_method("size", node.args)
+            elif node in consumers:
+                new = SIZE_CONSUMERS[node.target](graph, node)
+            elif node.target in CONSTANT_ONLY_OPS:
+                new = graph.call_function(CONSTANT_ONLY_OPS[node.target], node.args, dict(node.kwargs))
+            else:
+                continue
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        changed += 1
     graph.lint()
     module.recompile()
-    return len(replacements)
+    return changed
 
 
 def other_shape_inputs(tree: Any) -> Any:
