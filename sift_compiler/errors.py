@@ -11,6 +11,15 @@ from typing import Optional, Sequence
 import torch.fx as fx
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of ``error``'s message, at most ``limit`` characters ("" for an empty message).
+
+    For one-line error reports that quote a library's error, which may be empty or span pages.
+    """
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
 class SiftError(Exception):
     """Base class for every error sift-compiler raises on purpose."""
 

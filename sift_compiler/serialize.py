@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .config import CompileConfig
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 from .io import atomic_path, check_writable
 
 FORMAT = "sift-compiler/1"
@@ -73,7 +73,7 @@ def read(path: str) -> Dict[str, Any]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelLoadError(f"{path!r} is not a sift-compiler model file: {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"{path!r} is not a sift-compiler model file: {first_line(e)}") from None
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise ModelLoadError(f"{path!r} is not a sift-compiler model file (format {FORMAT})")
     return content
@@ -114,7 +114,7 @@ def load(path: str, model: Optional[nn.Module] = None, trust_source: bool = Fals
     try:
         result.module.load_state_dict(content["state_dict"], strict=True)
     except RuntimeError as e:
-        raise ModelLoadError(f"{path!r} does not match the rebuilt model: {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"{path!r} does not match the rebuilt model: {first_line(e)}") from None
     result.unit.touch()
     from .api import current_report
     result.report = current_report(result.unit, result.report.model, result.capture_method)

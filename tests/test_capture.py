@@ -115,3 +115,10 @@ def test_export_capture_keeps_dynamic_batch_and_train_mode():
     assert any(isinstance(m, nn.Dropout) and m.training for m in gm.modules())
     out = gm(input_ids=torch.randint(0, 100, (3, 12))).logits
     assert out.shape == (3, 12, 100)
+
+
+def test_error_reports_quote_one_line_of_a_library_error_even_an_empty_one():
+    from sift_compiler.errors import first_line
+    assert first_line(RuntimeError()) == ""  # str(e).splitlines()[0] raised IndexError here
+    assert first_line(RuntimeError("\n  shape mismatch\nTraceback ...")) == "shape mismatch"
+    assert first_line(ValueError("x" * 1000)) == "x" * 300 and len(first_line(ValueError("y" * 50), 20)) == 20

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..errors import UnsupportedOpError, describe_node
+from ..errors import UnsupportedOpError, describe_node, first_line
 from ..sparsity.layers import WEIGHT_LAYER_TYPES, MaskedLayer
 from .manager import Analysis
 
@@ -54,7 +54,7 @@ class _Recorder(fx.Interpreter):
             out = super().run_node(n)
         except Exception as e:
             raise UnsupportedOpError(f"shape propagation failed at {describe_node(n)}: "
-                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                                     f"{type(e).__name__}: {first_line(e)}") from e
         self.specs[n.name] = pytree.tree_map(_spec, out)
         return out
 

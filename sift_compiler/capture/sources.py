@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..errors import ModelLoadError, UserInputError
+from ..errors import ModelLoadError, UserInputError, first_line
 
 FAMILIES = ("torchvision", "timm", "transformers")
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -174,7 +174,7 @@ def read_model_file(path: str, trust_pickle: bool) -> nn.Module:
         text = str(e)
         if "Weights only load failed" not in text and "weights_only" not in text:
             raise ModelLoadError(f"cannot read model file {path!r}: not a file written by torch.save "
-                                 f"({type(e).__name__}: {text.splitlines()[0] if text else 'corrupt'})") from None
+                                 f"({type(e).__name__}: {first_line(e) or 'corrupt'})") from None
         if not trust_pickle:
             raise ModelLoadError(
                 f"{path!r} is a pickled model (torch.save(model)); loading it runs code stored in the file. "
@@ -211,13 +211,13 @@ def load_weights(model: nn.Module, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelLoadError(f"cannot read weights file {path!r} as a state dict: {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot read weights file {path!r} as a state dict: {first_line(e)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as e:
-        raise ModelLoadError(f"weights in {path!r} do not fit the model: {str(e).splitlines()[0]} ...") from None
+        raise ModelLoadError(f"weights in {path!r} do not fit the model: {first_line(e)} ...") from None
 
 
 def default_input(family: str, model: nn.Module) -> Tuple[Tuple[int, ...], torch.dtype]:

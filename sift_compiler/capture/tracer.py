@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..errors import CaptureError, UserInputError
+from ..errors import CaptureError, UserInputError, first_line
 from ..sparsity.layers import MaskedLayer
 from .modules import canonicalize_modules
 from .normalize import modularize_functional_ops
@@ -184,7 +184,7 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
             gm = _export_capture(model, args, kwargs)
             used = "export"
         except Exception as e:
-            detail = f"torch.fx: {fx_error}; torch.export: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            detail = f"torch.fx: {fx_error}; torch.export: {type(e).__name__}: {first_line(e)}"
             raise CaptureError(
                 f"cannot capture {type(model).__name__} as a graph ({detail}). Make the failing forward "
                 "code traceable (no Python control flow on tensor values), or mark the module as a leaf "
@@ -215,7 +215,7 @@ def reference_outputs(model: nn.Module, args, kwargs):
         with torch.no_grad():
             return [t.clone() for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
+        first = first_line(e)
         raise UserInputError(f"{type(model).__name__} rejects the example input ({_describe_inputs(args, kwargs)}): "
                              f"{type(e).__name__}: {first}. Pass an input shape/dtype the model accepts "
                              "(--input-shape, --input-dtype).") from e

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import ExportError, SiftError
+from ..errors import ExportError, SiftError, first_line
 from .runtimes import deepsparse_status, open_engine
 from .weights import LayerSparsity, load_onnx, layers_from_metadata, weight_arrays
 
@@ -123,7 +123,7 @@ def _checker(path: str) -> Check:
     try:
         onnx.checker.check_model(path, full_check=True)
     except Exception as e:  # the checker raises ValidationError, InferenceError and others
-        return Check("onnx-checker", False, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+        return Check("onnx-checker", False, f"{type(e).__name__}: {first_line(e)}")
     return Check("onnx-checker", True, "valid")
 
 
@@ -182,10 +182,6 @@ def overall_weight_sparsity(model) -> Optional[float]:
     tensors = [t for t, _ in weight_arrays(model)]
     total = sum(t.numel for t in tensors)
     return 1.0 - sum(t.nnz for t in tensors) / total if total else None
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [""])[0][:300]
 
 
 def _output_check(name: str, actual, expected, rtol: float, report: Verification) -> Check:
@@ -259,14 +255,14 @@ def verify_onnx(path: str, feeds: Dict[str, np.ndarray], *, reference: Optional[
         else:
             report.checks.append(Check("onnxruntime-runs", True, f"{len(ort_outputs)} outputs"))
     except Exception as e:  # onnxruntime refusing the file is a failed check, not a crash
-        report.checks.append(Check("onnxruntime-runs", False, f"{type(e).__name__}: {_first_line(e)}"))
+        report.checks.append(Check("onnxruntime-runs", False, f"{type(e).__name__}: {first_line(e)}"))
     if other_shape is not None and ort_outputs is not None and session is not None:
         other_feeds, other_reference = other_shape
         shapes = ", ".join(f"{n} {tuple(v.shape)}" for n, v in other_feeds.items())
         try:
             outputs = session.run(other_feeds)
         except Exception as e:
-            report.checks.append(Check(OTHER_SHAPE_CHECK, False, f"at {shapes}: {type(e).__name__}: {_first_line(e)}"))
+            report.checks.append(Check(OTHER_SHAPE_CHECK, False, f"at {shapes}: {type(e).__name__}: {first_line(e)}"))
         else:
             check = _output_check(OTHER_SHAPE_CHECK, outputs, other_reference, rtol, report)
             report.checks.append(Check(check.name, check.ok, f"at {shapes}: {check.detail}"))

@@ -41,7 +41,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..errors import ExportError, UserInputError
+from ..errors import ExportError, UserInputError, first_line
 from ..io import check_writable
 from ..sparsity.layers import iter_masked, plain_copy
 from ..unit import bind_placeholders
@@ -160,7 +160,7 @@ def _torch_export(baked: nn.Module, inputs, raw: str, names, output_names, axes,
                               output_names=output_names, dynamic_axes=axes or None, do_constant_folding=fold)
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed for {type(baked).__name__}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+                          f"{first_line(e)}") from e
 
 
 def _save(model, target: str, external_data: Optional[bool]) -> Optional[str]:
@@ -247,7 +247,7 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, form: str, dynamic_ba
             dynamic_batch = False
             notes.append(f"static input shapes {_shapes((args, kwargs))}: the model does not run at "
                          f"{_shapes((other_args, other_kwargs))} in torch ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0][:200]})")
+                         f"{first_line(e, 200)})")
         else:
             other_inputs, _ = _positional(baked, other_args, other_kwargs)
             other_shape = ({n: x.detach().cpu().numpy() for n, x in zip(names, other_inputs)}, other_reference)

@@ -18,7 +18,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import ExportError, UserInputError
+from ..errors import ExportError, UserInputError, first_line
 
 ENGINES = ("deepsparse", "onnxruntime")
 DEEPSPARSE_INSTALL = ("pip install 'sift-compiler[deepsparse]' (DeepSparse 1.8.0: CPython 3.8-3.11 on Linux "
@@ -68,7 +68,7 @@ def _onnxruntime(path: str, num_cores: Optional[int]):
     try:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from e
+        raise ExportError(f"onnxruntime cannot load {path}: {first_line(e)}") from e
     names = [i.name for i in session.get_inputs()]
     return session, names, f"onnxruntime {ort.__version__} CPU"
 

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import torch
 
-from ..errors import ExportError
+from ..errors import ExportError, first_line
 
 
 def onnx_feed(info, args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, np.ndarray]:
@@ -23,5 +23,5 @@ def onnxruntime_outputs(path: str, info, args: Sequence[Any], kwargs: Dict[str, 
     try:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from e
+        raise ExportError(f"onnxruntime cannot load {path}: {first_line(e)}") from e
     return session.run(None, onnx_feed(info, args, kwargs))

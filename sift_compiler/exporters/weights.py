@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import UserInputError
+from ..errors import UserInputError, first_line
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 META_LAYERS = "sift.layers"
@@ -40,7 +40,7 @@ def load_onnx(path: str, load_external_data: bool = True):
         model = onnx.load(path, load_external_data=load_external_data)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
         raise UserInputError(f"{path!r} is not a readable ONNX model (truncated or not ONNX: "
-                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cannot parse'})") from None
+                             f"{type(e).__name__}: {first_line(e) or 'cannot parse'})") from None
     except FileNotFoundError as e:
         raise UserInputError(f"{path!r} refers to external data that is missing: {e}") from None
     if not model.graph.node or not model.opset_import:
