@@ -1,8 +1,9 @@
 """The Python API: `compile` and `flops` (re-exported by `sift_compiler`)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 import torch.fx as fx
@@ -13,6 +14,9 @@ from .analyses.layers import LayerAnalysis
 from .analyses.shapes import ShapeAnalysis
 from .capture.tracer import capture
 from .config import CompileConfig
+from .errors import UserInputError
+from .initialization import init_policy_for
+from .native import OUTPUTS, build_native, check_native
 from .passes.base import ProgressInstrument, TimingInstrument
 from .pipelines import TRANSFORM_PIPELINES, get_pipeline
 from .report import FlopReport, build_report
@@ -21,15 +25,26 @@ from .unit import CompilationUnit
 
 @dataclass
 class CompileResult:
-    """What `compile` returns: the trainable module, its FLOP report and how it was made."""
+    """What `compile` returns: the trainable module, its FLOP report and how it was made.
 
-    module: fx.GraphModule
+    ``module`` is the user's own model class with the rewrites in it (``output == "native"``), or
+    the graph form, a `torch.fx.GraphModule` (``output == "graph"``; the report's notes say why).
+    ``graph_module`` is always the graph form; both share their weights and masks.
+    """
+
+    module: nn.Module
     report: FlopReport
     unit: CompilationUnit
     config: CompileConfig
     capture_method: str
     timings: Dict[str, float]
     source: Optional[Dict[str, Any]] = None  # how to rebuild the dense model (for save/load)
+    output: str = "graph"
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The graph form the passes worked on (the same modules and tensors as a native ``module``)."""
+        return self.unit.module
 
     def save(self, path: str) -> None:
         """Write the compiled model so that `sift_compiler.load` restores it (see serialize.py)."""
@@ -50,26 +65,35 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
             seed: int = 0, keep_dense: Sequence[str] = (), activation: str = "auto", linear_norm: bool = False,
             round_to: int = 1, attention_width: str = "keep", capture_method: str = "auto",
             progress: Optional[TextIO] = None, model_name: str = "", source: Optional[Dict[str, Any]] = None,
-            ) -> CompileResult:
+            output: str = "auto") -> CompileResult:
     """Capture ``model`` and rewrite it with a Sparse-IFT transform at equal FLOPs.
 
     >>> import sift_compiler as sift, torch, torchvision
     >>> x = torch.randn(1, 3, 224, 224)
     >>> result = sift.compile(torchvision.models.resnet18(), "parallel", 0.75, (x,))
     >>> print(result.report.table())            # per-layer FLOPs, iso-FLOP ratio
-    >>> result.module(x).shape                  # torch.Size([1, 1000]); trainable, masks as buffers
+    >>> type(result.module)                     # torchvision.models.ResNet: your class, trainable
+    >>> result.module(x).shape                  # torch.Size([1, 1000]); masks are buffers
 
     ``transform``: "none" (dense baseline), "parallel", "factorized", "doped" or "wide";
     ``sparsity``: s in [0, 1). ``seed`` fixes the masks and every new weight (the caller's torch
     RNG state is neither used nor advanced). The user's ``model`` is not modified.
+    ``output``: "auto" returns a new object of the model's own class with the rewritten modules
+    in it whenever that computes exactly what the graph computes (`native`), else the graph form
+    with a note saying why; "native" raises `UserInputError` instead of falling back; "graph"
+    always returns the `torch.fx.GraphModule`.
     """
+    if output not in OUTPUTS:
+        raise UserInputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     config = CompileConfig(transform=transform, sparsity=sparsity, seed=seed, keep_dense=tuple(keep_dense),
                            activation=activation, linear_norm=linear_norm, round_to=round_to,
                            attention_width=attention_width)
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     timing = TimingInstrument()
     captured = capture(model, args, kwargs, method=capture_method)
+    kwargs = captured.kwargs
     unit = CompilationUnit(captured.module, args, kwargs, config)
+    unit.init_policy = init_policy_for(captured.model)
     unit.baseline_layers = unit.analyses.get(LayerAnalysis)
     unit.baseline = unit.analyses.get(FlopAnalysis)
     unit.baseline_outputs = unit.analyses.get(ShapeAnalysis).outputs(unit.module)
@@ -80,9 +104,43 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipeline.run(unit)
-    report = current_report(unit, model_name or type(model).__name__, captured.method)
+    name = model_name or type(model).__name__
+    module, chosen = unit.module, "graph"
+    if output != "graph":
+        start = time.perf_counter()
+        native, why = _native(unit, captured)
+        timing.timings["native"] = time.perf_counter() - start
+        if native is not None:
+            module, chosen = native, "native"
+        elif output == "native":
+            raise UserInputError(f"output='native': {type(model).__name__} cannot be returned as its own class: "
+                                 f"{why}. Use output='graph' (or 'auto') for the graph form")
+        else:
+            unit.notes.append(f"graph form returned (a torch.fx.GraphModule, not {type(model).__name__}): {why}")
+    method = captured.method
+    del captured  # the private model copy: it is the native module now, or no longer needed
     unit.module.sift_config = config  # lets flops()/export recognise a compiled module
-    return CompileResult(unit.module, report, unit, config, captured.method, timing.timings, source)
+    module.sift_config = config
+    report = current_report(unit, name, method)
+    result = CompileResult(module, report, unit, config, method, timing.timings, source, chosen)
+    if chosen == "native":
+        from .serialize import attach_plan
+        attach_plan(result)
+    return result
+
+
+def _native(unit: CompilationUnit, captured) -> Tuple[Optional[nn.Module], str]:
+    """(the native model, "") or (None, why the graph form is kept); see `native`."""
+    build = build_native(unit, captured.model, captured.canonicalized)
+    if build.module is None:
+        return None, "; ".join(build.reasons[:3]) + (f" (and {len(build.reasons) - 3} more)"
+                                                     if len(build.reasons) > 3 else "")
+    wrong, notes = check_native(build.module, unit.module, unit.args, unit.kwargs)
+    unit.notes.extend(notes)
+    if wrong:
+        return None, wrong
+    unit.notes.extend(build.notes)
+    return build.module, ""
 
 
 def current_report(unit: CompilationUnit, model_name: str, capture_method: str) -> FlopReport:

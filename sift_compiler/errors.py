@@ -77,16 +77,17 @@ def describe_node(node: fx.Node) -> str:
 
 
 def source_location(node: fx.Node) -> Optional[str]:
-    """The innermost user frame of the node's stack trace, as 'file:line in function'."""
+    """The innermost frame of the node's stack trace outside torch and sift, as 'file:line in function'."""
     trace = node.meta.get("stack_trace") if hasattr(node, "meta") else None
     if not trace:
         return None
     frames = [line.strip() for line in trace.strip().splitlines() if line.strip().startswith("File ")]
     if not frames:
         return None
+    user = [f for f in frames if "/torch/" not in f and "/sift_compiler/" not in f]
     # 'File "x.py", line 12, in forward'
-    last = frames[-1].replace('File "', "").replace('", line ', ":").replace(", in ", " in ")
-    return last
+    last = (user or frames)[-1]
+    return last.replace('File "', "").replace('", line ', ":").replace(", in ", " in ")
 
 
 def pass_error(pass_name: str, node: Optional[fx.Node], reason: str,

@@ -12,6 +12,10 @@ Format (``sift-compiler/1``): one ``torch.save`` file holding only plain data, r
 ``load`` rebuilds the dense model from the plan's source (library models by name; a
 ``package.module:callable`` only with ``trust_source=True``; or the ``model=`` you pass),
 re-runs the same deterministic compilation, and loads the state dict (strict).
+
+A Hugging Face model compiled to its native form carries the same plan in ``config.sift``, so
+its own ``save_pretrained(dir)`` writes a directory (config.json + safetensors with weights and
+masks) that ``load(dir)`` brings back the same way.
 """
 from __future__ import annotations
 
@@ -44,18 +48,34 @@ def _make_input(d: Any, model: nn.Module) -> Any:
     return d
 
 
-def save(result, path: str) -> None:
-    """Write ``result`` (a `CompileResult`) to ``path`` in the format above, atomically."""
-    check_writable(path, "model file")
+def plan_of(result) -> Dict[str, Any]:
+    """How to make ``result`` again: the dense model's source, the compile options, the example
+    input specs and the output form. Plain JSON-able data."""
     unit = result.unit
-    plan = {
+    return {
+        "format": FORMAT,
         "source": result.source,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(result.config).items()},
         "capture_method": result.capture_method,
+        "output": result.output,
         "inputs": {"args": [_describe_input(a) for a in unit.args],
                    "kwargs": {k: _describe_input(v) for k, v in unit.kwargs.items()}},
         "versions": {"sift_compiler": _version(), "torch": str(torch.__version__)},
     }
+
+
+def attach_plan(result) -> None:
+    """A Hugging Face model carries its plan in ``config.sift``: ``save_pretrained`` writes it to
+    config.json, which is how `load` (given the directory) compiles the same model again."""
+    config = getattr(result.module, "config", None)
+    if config is not None and hasattr(config, "to_dict") and hasattr(result.module, "save_pretrained"):
+        config.sift = plan_of(result)
+
+
+def save(result, path: str) -> None:
+    """Write ``result`` (a `CompileResult`) to ``path`` in the format above, atomically."""
+    check_writable(path, "model file")
+    plan = plan_of(result)
     state = {k: v.detach().cpu().clone() for k, v in result.module.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, "plan": plan, "state_dict": state}, tmp)
@@ -92,30 +112,100 @@ def _rebuild_source(source: Optional[Dict[str, Any]], trust_source: bool) -> nn.
     return load_model(spec, trust_pickle=trust_source).module
 
 
-def load(path: str, model: Optional[nn.Module] = None, trust_source: bool = False):
-    """Load a compiled model written by `save`; returns a `CompileResult` (``.module`` is trainable).
-
-    >>> result = sift_compiler.load("model.sift.pt")
-    >>> sift_compiler.sparsity.masks(result.module)
-    """
+def _compile_from_plan(plan: Dict[str, Any], dense: nn.Module):
     from .api import compile
-    content = read(path)
-    plan = content["plan"]
-    dense = model if model is not None else _rebuild_source(plan.get("source"), trust_source)
     args = [_make_input(a, dense) for a in plan["inputs"]["args"]]
     kwargs = {k: _make_input(v, dense) for k, v in plan["inputs"]["kwargs"].items()}
-    cfg = dict(plan["config"])
-    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()}
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(plan["config"]).items()}
     config = CompileConfig(**cfg)
-    result = compile(dense, config.transform, config.sparsity, tuple(args), kwargs, seed=config.seed,
-                     keep_dense=config.keep_dense, activation=config.activation, linear_norm=config.linear_norm,
-                     round_to=config.round_to, attention_width=config.attention_width,
-                     capture_method=plan.get("capture_method", "auto"), source=plan.get("source"))
+    return compile(dense, config.transform, config.sparsity, tuple(args), kwargs, seed=config.seed,
+                   keep_dense=config.keep_dense, activation=config.activation, linear_norm=config.linear_norm,
+                   round_to=config.round_to, attention_width=config.attention_width,
+                   capture_method=plan.get("capture_method", "auto"), source=plan.get("source"),
+                   output=plan.get("output", "graph"))
+
+
+def _install_state(result, state: Dict[str, torch.Tensor], path: str, allow_tied: bool = False) -> None:
+    """Load ``state`` strictly (``allow_tied``: a key left out by ``save_pretrained`` because its
+    tensor is tied to one that is there may be missing); then refresh the report."""
     try:
-        result.module.load_state_dict(content["state_dict"], strict=True)
+        missing, unexpected = result.module.load_state_dict(state, strict=not allow_tied)
     except RuntimeError as e:
         raise ModelLoadError(f"{path!r} does not match the rebuilt model: {first_line(e)}") from None
+    if allow_tied:
+        tensors = {name: t for name, t in list(result.module.named_parameters(remove_duplicate=False))
+                   + list(result.module.named_buffers(remove_duplicate=False))}
+        present = {id(tensors[k]) for k in state if k in tensors}
+        untied = [k for k in missing if id(tensors.get(k)) not in present]
+        if untied or unexpected:
+            raise ModelLoadError(f"{path!r} does not match the rebuilt model: missing {untied[:5]}, "
+                                 f"unexpected {list(unexpected)[:5]}")
     result.unit.touch()
     from .api import current_report
     result.report = current_report(result.unit, result.report.model, result.capture_method)
+
+
+def load(path: str, model: Optional[nn.Module] = None, trust_source: bool = False):
+    """Load a compiled model: a file written by `save` (``result.save``, ``sift-compile -o``) or a
+    directory written by a Hugging Face model's ``save_pretrained``. Returns a `CompileResult`
+    whose ``.module`` is trainable, in the form it was saved in (native or graph).
+
+    >>> result = sift_compiler.load("model.sift.pt")        # or sift_compiler.load("checkpoint-500/")
+    >>> sift_compiler.sparsity.masks(result.module)
+
+    No code from the files runs: tensors are read with ``torch.load(weights_only=True)`` or
+    safetensors, the plan is JSON, and the dense model is rebuilt from its named source (library
+    models by name, a Hugging Face config by its class in transformers) or passed as ``model=``.
+    """
+    if os.path.isdir(path):
+        return _load_pretrained(path, model)
+    content = read(path)
+    plan = content["plan"]
+    dense = model if model is not None else _rebuild_source(plan.get("source"), trust_source)
+    result = _compile_from_plan(plan, dense)
+    _install_state(result, content["state_dict"], path)
     return result
+
+
+def _load_pretrained(directory: str, model: Optional[nn.Module]):
+    """A Hugging Face ``save_pretrained`` directory of a compiled model (its config.json holds the plan)."""
+    import json
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise ModelLoadError(f"{directory!r} is a directory without config.json: not a save_pretrained directory")
+    with open(config_path) as f:
+        plan = json.load(f).get("sift")
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        raise ModelLoadError(f"{config_path!r} has no sift plan: the model was not compiled by sift-compiler "
+                             "(load it with transformers' from_pretrained)")
+    dense = model if model is not None else _dense_from_pretrained_config(directory)
+    result = _compile_from_plan(plan, dense)
+    _install_state(result, _read_safetensors(directory), directory, allow_tied=True)
+    return result
+
+
+def _dense_from_pretrained_config(directory: str) -> nn.Module:
+    """The dense model of a save_pretrained directory: its config, random weights, a class of transformers."""
+    try:
+        import transformers
+    except ImportError:
+        raise ModelLoadError("transformers is not installed: pip install 'sift-compiler[transformers]'") from None
+    config = transformers.AutoConfig.from_pretrained(directory)  # reads config.json; remote code stays refused
+    config.__dict__.pop("sift", None)
+    names = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, names[0], None) if names else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelLoadError(f"{directory!r}: config.json names no model class of transformers ({names}); pass the "
+                             "dense model as sift_compiler.load(path, model=...)")
+    return cls(config)
+
+
+def _read_safetensors(directory: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelLoadError(f"{directory!r} has no .safetensors weights (save_pretrained writes them by default)")
+    state: Dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(os.path.join(directory, name)))
+    return state

@@ -74,7 +74,7 @@ def test_gpt2_conv1d_becomes_linear():
     holder = nn.Sequential(Conv1D(6, 4))
     x = torch.randn(2, 3, 4)
     expected = holder(x)
-    assert canonicalize_modules(holder) == 1
+    assert list(canonicalize_modules(holder)) == ["0"]
     assert type(holder[0]) is nn.Linear
     torch.testing.assert_close(holder(x), expected)
 

@@ -243,7 +243,7 @@ def test_compiled_model_rewrites_every_parallel_layer():
         pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), head=nn.Linear(8, 10)))
     x = torch.randn(2, 3, 12, 12)
     result = sift.compile(net, "parallel", 0.9, (x,))
-    module = result.module.eval()
+    module = result.graph_module.eval()
     formed = apply_form(module, "stacked-conv")
     assert sorted(formed.rewritten) == ["mid2: 10 branches -> stacked-conv", "mid: 10 branches -> stacked-conv"]
     with torch.no_grad():

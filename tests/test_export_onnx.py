@@ -75,7 +75,7 @@ def test_every_transform_of_resnet18_exports_verified(tmp_path_factory, transfor
         assert not np.any((array == 0) & np.signbit(array)), init.name
 
     # one record per sparse layer of the exported form; each at its target, zeros intact
-    formed = apply_form(result.module, info.form).module
+    formed = apply_form(result.graph_module, info.form).module
     sparse = {name: layer for name, layer in iter_masked(formed) if layer.target_density < 1}
     assert sorted({la.layer for la in info.layers}) == sorted(sparse)
     assert (transform == "none") == (not info.layers)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -128,9 +128,15 @@ def _mha_is_convertible(mha: nn.MultiheadAttention) -> bool:
     return mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn
 
 
-def canonicalize_modules(model: nn.Module) -> int:
-    """Rewrite, in place, the library modules that hide matmuls; returns how many were rewritten."""
+def canonicalize_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """Rewrite, in place, the library modules that hide matmuls.
+
+    Returns ``{path: original module}`` for every path rewritten (a module shared by several
+    paths stays shared and is listed under each), so that the native model can put back the
+    library modules that no transform replaced (`native.restore_library_modules`).
+    """
     replaced = {}  # id(old module) -> new module, so a shared module stays shared
+    originals: Dict[str, nn.Module] = {}
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent.named_children()):
             replacement = replaced.get(id(child))
@@ -146,5 +152,6 @@ def canonicalize_modules(model: nn.Module) -> int:
                                 "module; its projections stay dense", f"{parent_name}.{child_name}".lstrip("."))
             if replacement is not None:
                 replaced[id(child)] = replacement
+                originals[f"{parent_name}.{child_name}".lstrip(".")] = child
                 setattr(parent, child_name, replacement)
-    return len(replaced)
+    return originals

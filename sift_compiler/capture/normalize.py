@@ -9,9 +9,17 @@ analyses see one form whichever capture produced the graph:
 2. The same for conv1d/2d/3d, layer_norm, embedding, batch_norm and dropout (torch.export bakes
    the train/eval mode of dropout and batch_norm into the graph; modules make it switchable again).
 
+3. In a model sift already compiled, a masked layer's ``linear(x, W * M, b)`` (torch.export
+   traces into every module) -> ``call_module`` of that very masked layer, as torch.fx keeps it.
+
 The new module is registered at the path of the module that made the call (from
 ``nn_module_stack``), so names stay the user's (``transformer.h.0.attn.c_attn``). Parameters are
 shared, not copied: a tied weight (GPT-2's ``lm_head`` and ``wte``) stays tied.
+
+`annotate_provenance` then marks the nodes computed inside sift's own modules (a module class
+with a ``sift_rule``, e.g. `ParallelBranches`) with ``sift.origin``/``sift.rule``/``sift.role``,
+as the rewrite passes do for the nodes they splice in: a compiled model captured again reads
+as the graph its compilation produced (export forms and reports rely on it).
 """
 from __future__ import annotations
 
@@ -87,6 +95,7 @@ def _conv(dims):
                 padding=as_arg(b.get("padding", 0)), dilation=as_arg(b.get("dilation", 1)),
                 groups=b.get("groups", 1), bias=bias is not None, device="meta")
         return _install(m, weight=w, bias=bias), [b["input"]]
+    build.weight_op = True
     return build
 
 
@@ -162,6 +171,9 @@ RULES: Dict[Any, tuple] = {
 }
 
 
+_WEIGHT_OPS = frozenset(t for t, rule in RULES.items() if rule[2] is _linear or getattr(rule[2], "weight_op", False))
+
+
 def _owner_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if stack:
@@ -198,10 +210,58 @@ def _same_module(a: nn.Module, b: nn.Module) -> bool:
     return len(pa) == len(pb) and all(x is y for x, y in zip(pa, pb))
 
 
-def modularize_functional_ops(gm: fx.GraphModule) -> int:
-    """Turn functional weight/norm/embedding/dropout calls into `call_module` nodes (in place)."""
-    made: Dict[str, nn.Module] = {}
+def _innermost_owner(node: fx.Node) -> Optional[str]:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _submodule(model: Optional[nn.Module], path: Optional[str]) -> Optional[nn.Module]:
+    if model is None or path is None:
+        return None
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _restore_masked_layers(gm: fx.GraphModule, model: Optional[nn.Module]) -> int:
+    """``linear/conv(x, W * M, b)`` traced inside a masked layer -> ``call_module`` of that layer."""
+    from ..sparsity.layers import MaskedLayer
     changed = 0
+    restored = set()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _WEIGHT_OPS:
+            continue
+        path = _innermost_owner(node)
+        layer = _submodule(model, path)
+        if not isinstance(layer, MaskedLayer):
+            continue
+        names, defaults, _ = RULES[node.target]
+        gm.add_submodule(path, layer)  # replaces torch.export's holder of the layer's tensors
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(path, (_bind(node, names, defaults)["input"],))
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        restored.add(path)
+        changed += 1
+    if changed:
+        # what remains of the layers' own forward (W * M, the mask's dtype cast and torch.export's
+        # assertions on it, which dead-code elimination keeps) goes too
+        for node in reversed(list(gm.graph.nodes)):
+            if not node.users and node.op == "call_function" and _innermost_owner(node) in restored:
+                gm.graph.erase_node(node)
+        gm.graph.eliminate_dead_code()
+    return changed
+
+
+def modularize_functional_ops(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> int:
+    """Turn functional weight/norm/embedding/dropout calls into `call_module` nodes (in place).
+
+    ``model``: the module ``gm`` was captured from, where masked layers are looked up.
+    """
+    made: Dict[str, nn.Module] = {}
+    changed = _restore_masked_layers(gm, model)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in RULES:
             continue
@@ -228,3 +288,21 @@ def modularize_functional_ops(gm: fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return changed
+
+
+def annotate_provenance(gm: fx.GraphModule, model: nn.Module) -> int:
+    """Mark nodes computed inside sift's rewrite modules with their origin, rule and role."""
+    marked = 0
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method") or "sift.origin" in node.meta:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        for path, _ in stack.values():
+            rule = getattr(type(_submodule(model, path)), "sift_rule", None)
+            if rule:
+                node.meta["sift.origin"], node.meta["sift.rule"] = path, rule
+                if node.op == "call_module" and str(node.target).startswith(path + "."):
+                    node.meta["sift.role"] = str(node.target)[len(path) + 1:]
+                marked += 1
+                break
+    return marked

@@ -2,20 +2,27 @@
 
 ``capture(model, args, kwargs)`` works on a deep copy (the user's model is never changed):
 
-1. canonicalise library modules that hide matmuls (`capture.modules`);
+1. canonicalise library modules that hide matmuls (`capture.modules`); a Hugging Face model is
+   traced with its copy's ``config.use_cache`` off (a KV cache is an output the graph cannot
+   hold); the copy gets the user's setting back afterwards;
 2. trace with torch.fx, treating child-less `torch.nn` modules and masked layers as leaves;
    models fx cannot trace (transformers 5.x, data-dependent Python control flow) go through
    ``torch.export`` with dynamic batch and sequence dims instead;
-3. turn functional weight ops into module calls (`capture.normalize`);
+3. turn functional weight ops into module calls, masked layers of an already compiled model
+   included, and mark the nodes of sift's own modules with their origin (`capture.normalize`);
 4. check the captured graph computes what the model computes on the example inputs.
+
+The private copy the graph was traced from is returned too (``CaptureResult.model``): its leaf
+modules are the graph's own, which is where `native` builds the user's model back from.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import traceback
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -25,7 +32,7 @@ import torch.utils._pytree as pytree
 from ..errors import CaptureError, UserInputError, first_line
 from ..sparsity.layers import MaskedLayer
 from .modules import canonicalize_modules
-from .normalize import modularize_functional_ops
+from .normalize import annotate_provenance, modularize_functional_ops
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ class SiftTracer(fx.Tracer):
 def symbolic_trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
     """Trace ``module`` with `SiftTracer`; the GraphModule shares the module's parameters."""
     tracer = SiftTracer()
+    tracer.record_stack_traces = True  # errors and notes name the user's source line
     graph = tracer.trace(module, concrete_args=concrete_args)
     name = module.__class__.__name__ if isinstance(module, nn.Module) else module.__name__
     return fx.GraphModule(tracer.root, graph, name)
@@ -51,14 +59,35 @@ def symbolic_trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]] = 
 
 @dataclass
 class CaptureResult:
+    """The captured graph, how it was captured, and the private model copy it was traced from."""
+
     module: fx.GraphModule
     method: str  # "fx" or "export"
     fx_error: Optional[str] = None
+    model: Optional[nn.Module] = None       # the canonicalised copy; its leaf modules (fx) or tensors are the graph's
+    canonicalized: Dict[str, nn.Module] = field(default_factory=dict)  # path -> library module it replaced
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # the keyword inputs it was captured with
+    notes: List[str] = field(default_factory=list)
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
+def is_transformers_model(model: nn.Module) -> bool:
+    """A Hugging Face `PreTrainedModel` (checked by name: transformers need not be installed)."""
     return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
                for c in type(model).__mro__)
+
+
+@contextlib.contextmanager
+def _kv_cache_off(model: nn.Module) -> Iterator[Optional[str]]:
+    """Trace a Hugging Face model without its KV cache; yields a note when it switched it off."""
+    config = getattr(model, "config", None) if is_transformers_model(model) else None
+    if config is None or not getattr(config, "use_cache", False):
+        yield None
+        return
+    config.use_cache = False
+    try:
+        yield "captured without the KV cache (the graph form has no use_cache); config.use_cache is left as it was"
+    finally:
+        config.use_cache = True
 
 
 def _fx_capture(model: nn.Module, kwargs: Dict[str, Any]) -> fx.GraphModule:
@@ -155,21 +184,64 @@ def _user_frame(exc: BaseException) -> str:
 
 
 def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None,
-            method: str = "auto", verify: bool = True) -> CaptureResult:
+            method: str = "auto", verify: bool = True, copy_model: bool = True) -> CaptureResult:
     """Capture ``model`` as a canonical GraphModule (see the module docstring).
 
     >>> result = capture(torchvision.models.resnet18(), (torch.randn(1, 3, 224, 224),))
     >>> result.module.graph  # conv1, bn1, relu, ... as call_module nodes
+
+    ``copy_model=False`` traces ``model`` itself (no copy of its weights; the graph shares them)
+    and puts back whatever canonicalisation changed: for reading a model, not for rewriting it.
     """
     if method not in ("auto", "fx", "export"):
         raise ValueError(f"unknown capture method {method!r}: use 'auto', 'fx' or 'export'")
     kwargs = dict(kwargs or {})
     reference = reference_outputs(model, args, kwargs) if verify else None
-    original, model = model, copy.deepcopy(model)
-    canonicalize_modules(model)
+    original = model
+    model = copy.deepcopy(model) if copy_model else model
+    canonicalized = canonicalize_modules(model)
+    try:
+        with _kv_cache_off(model) as note:
+            gm, used, fx_error = _trace(model, args, kwargs, method)
+        modularize_functional_ops(gm, model)
+        annotate_provenance(gm, model)
+    finally:
+        if not copy_model:
+            for path, module in canonicalized.items():
+                parent, _, name = path.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, name, module)
+    gm.train(original.training)  # modules made from baked train/eval flags follow the model's mode
+    if verify:
+        check_capture(gm, args, kwargs, reference, type(original).__name__)
+    return CaptureResult(gm, used, fx_error, model if copy_model else None, canonicalized if copy_model else {},
+                         kwargs, [note] if note else [])
+
+
+def _compiled(module: nn.Module) -> bool:
+    return getattr(module, "sift_config", None) is not None or any(
+        isinstance(m, MaskedLayer) or getattr(type(m), "sift_rule", None) for m in module.modules())
+
+
+def graph_of(module: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """The graph form of a compiled ``module``: itself if it is a GraphModule, else captured without a copy.
+    A model sift did not compile comes back as it is.
+
+    A model compiled to its native form reads back as its compiled graph: masked layers stay
+    modules and the nodes of sift's own modules carry their origin (`capture.normalize`).
+    """
+    if isinstance(module, fx.GraphModule) or not _compiled(module):
+        return module  # a plain model has nothing of sift's to find
+    gm = capture(module, args, kwargs, verify=False, copy_model=False).module
+    if getattr(module, "sift_config", None) is not None:
+        gm.sift_config = module.sift_config
+    return gm
+
+
+def _trace(model: nn.Module, args, kwargs, method: str) -> Tuple[fx.GraphModule, str, Optional[str]]:
+    """(graph, "fx" or "export", why fx failed): torch.fx first unless the model needs torch.export."""
     fx_error = None
     gm = None
-    if method == "fx" or (method == "auto" and not _is_transformers_model(model)):
+    if method == "fx" or (method == "auto" and not is_transformers_model(model)):
         try:
             gm = _fx_capture(model, kwargs)
             used = "fx"
@@ -189,11 +261,7 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
                 f"cannot capture {type(model).__name__} as a graph ({detail}). Make the failing forward "
                 "code traceable (no Python control flow on tensor values), or mark the module as a leaf "
                 "with `sift_compiler.capture.leaf_module`.") from e
-    modularize_functional_ops(gm)
-    gm.train(original.training)  # modules made from baked train/eval flags follow the model's mode
-    if verify:
-        check_capture(gm, args, kwargs, reference, type(original).__name__)
-    return CaptureResult(gm, used, fx_error)
+    return gm, used, fx_error
 
 
 def leaf_module(cls: type) -> type:

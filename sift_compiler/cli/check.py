@@ -117,7 +117,7 @@ def _layers_against(result, model):
     candidates = [recorded] if recorded in FORMS else [DEFAULT_FORM, "branches"]
     best = None
     for form in candidates:
-        patterns = layer_patterns(apply_form(result.module, form).module)
+        patterns = layer_patterns(apply_form(result.graph_module, form).module)
         layers, missing = match_layers(patterns, model)
         if best is None or len(missing) < len(best[1]):
             best = (layers, missing)

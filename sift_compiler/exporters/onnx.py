@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..errors import ExportError, UserInputError, first_line
+from ..capture.tracer import graph_of
 from ..io import check_writable
 from ..sparsity.layers import iter_masked, plain_copy
 from ..unit import bind_placeholders
@@ -213,13 +214,15 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, form: str, dynamic_ba
              input_names: Optional[Sequence[str]], verify: bool) -> _Prepared:
     """Apply the export form, bake masks, name inputs and outputs, and run torch for the reference."""
     notes: List[str] = []
-    formed, branch_groups, stacked_groups = module, [], []
-    if isinstance(module, fx.GraphModule) and form != "branches":
-        result = apply_form(module, form)
+    graph = graph_of(module, args, kwargs)  # a native model (its own class) is read back as its graph
+    formed, branch_groups, stacked_groups = graph, [], []
+    if isinstance(graph, fx.GraphModule) and form != "branches":
+        result = apply_form(graph, form)
         formed, branch_groups, stacked_groups = result.module, result.branch_groups, result.rewritten
         notes += result.notes
     patterns = layer_patterns(formed)
-    baked = bake_masks(formed, inplace=formed is not module).eval()  # apply_form already copied
+    baked = bake_masks(formed, inplace=formed is not module).eval()  # apply_form copied; graph_of made a new graph
+    del graph
     del formed
     if dynamic_batch and has_symbolic_sizes(baked):
         try:

@@ -1,17 +1,23 @@
-"""Draw exact-count random masks for every masked layer at its target density (`sparsity.init`)."""
+"""Draw exact-count random masks for every masked layer at its target density (`sparsity.init`),
+then the first values of every new module, the way the model initialises its own
+(`initialization`: the model's routine, else the layer type's default; one stream per layer)."""
 from __future__ import annotations
 
 from ..analyses.layers import LayerAnalysis
 from ..analyses.shapes import ShapeAnalysis
-from .base import Pass, PassResult
+from ..initialization import LayerDefault, init_fresh_modules
 from ..sparsity.init import init_masks
+from .base import Pass, PassResult
 
 
 class InitMasksPass(Pass):
     name = "init-masks"
 
     def call(self, unit) -> PassResult:
-        drawn = init_masks(unit.module, unit.config.seed)
-        if drawn:
+        policy = unit.init_policy or LayerDefault()
+        seed = unit.config.seed
+        drawn = init_masks(unit.module, seed, draw_weights=lambda layer, name: policy.draw_masked(layer, name, seed))
+        redrawn = init_fresh_modules(unit.module, policy, seed)
+        if drawn or redrawn:
             unit.touch()
-        return PassResult(bool(drawn), frozenset({ShapeAnalysis, LayerAnalysis}))
+        return PassResult(bool(drawn or redrawn), frozenset({ShapeAnalysis, LayerAnalysis}))

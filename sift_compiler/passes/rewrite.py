@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..analyses.layers import LayerAnalysis, WeightLayer
 from ..sparsity.layers import deferred_init, masked_copy
-from ..unit import LayerDecision
+from ..unit import LayerDecision, ModuleRewrite
 from .base import Pass, PassResult
 from .graph_edit import finish_edits, splice_module
 
@@ -90,6 +90,7 @@ class LayerRewritePass(Pass):
             else:
                 replacement, detail = self.build(unit, layer, module)
                 kind = self.transform
+            unit.rewrites.modules.append(ModuleRewrite.of(layer.target, module, replacement, nodes[layer.nodes[0]]))
             for node_name in layer.nodes:
                 splice_module(unit, nodes[node_name], replacement, layer.target, meta)
             unit.decisions[layer.target] = LayerDecision(kind, detail)

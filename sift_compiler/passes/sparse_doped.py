@@ -23,6 +23,8 @@ from .rewrite import LayerRewritePass, fan, round_to_multiple
 class DopedLayer(nn.Module):
     """M x + V U x."""
 
+    sift_rule = "sparse-doped"  # nodes inside it belong to this rule (capture.normalize.annotate_provenance)
+
     def __init__(self, m: nn.Module, u: nn.Module, v: nn.Module) -> None:
         super().__init__()
         self.m, self.u, self.v = m, u, v

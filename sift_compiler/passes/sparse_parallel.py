@@ -38,6 +38,8 @@ class SparseBranch(nn.Module):
 class ParallelBranches(nn.Module):
     """sum_j sigma(W_j x) over its branches."""
 
+    sift_rule = "sparse-parallel"  # nodes inside it belong to this rule (capture.normalize.annotate_provenance)
+
     def __init__(self, branches: List[SparseBranch]) -> None:
         super().__init__()
         self.branches = nn.ModuleList(branches)

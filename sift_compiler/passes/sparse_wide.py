@@ -37,8 +37,9 @@ from ..analyses.layers import LayerAnalysis
 from ..analyses.ops import module_kind
 from ..analyses.shapes import ShapeAnalysis
 from ..errors import PassError
+from ..initialization import mark_fresh
 from ..sparsity.layers import MaskedLayer, deferred_init, masked_copy, new_layer
-from ..unit import LayerDecision
+from ..unit import LayerDecision, ModuleRewrite, TensorRewrite
 from .base import Pass, PassResult
 from .graph_edit import finish_edits
 from .rewrite import round_to_multiple
@@ -99,9 +100,9 @@ class SparseWidePass(Pass):
         gm = unit.module
         with deferred_init() if self.defer_init else contextlib.nullcontext():
             rebuilt = self._rebuild_modules(unit, coupling, table, size_of)
-        self._rebuild_params(gm, coupling, size_of, rebuilt)
-        self._rewrite_literals(gm, coupling, size_of)
-        self._rescale_attention(gm, coupling, size_of)
+        self._rebuild_params(unit, coupling, size_of, rebuilt)
+        self._rewrite_literals(unit, coupling, size_of)
+        self._rescale_attention(unit, coupling, size_of)
         unit.notes.extend(self._group_notes(coupling, size_of))
         unit.notes.extend(dict.fromkeys(coupling.notes))
         finish_edits(unit)
@@ -112,6 +113,7 @@ class SparseWidePass(Pass):
         gm = unit.module
         new_params: Dict[int, nn.Parameter] = {}  # id(old weight) -> new weight, keeps ties
         rebuilt: Dict[str, nn.Module] = {}
+        calls = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
         for path, entry in coupling.modules.items():
             module = gm.get_submodule(path)
             layer = table.layers.get(path)
@@ -126,6 +128,7 @@ class SparseWidePass(Pass):
             if replacement is not module:
                 gm.add_submodule(path, replacement)
                 rebuilt[path] = replacement
+                unit.rewrites.modules.append(ModuleRewrite.of(path, module, replacement, calls.get(path)))
             if layer is not None and layer.kind in ("linear", "conv"):
                 unit.decisions[path] = LayerDecision("wide" if _is_masked(replacement) else "kept", detail)
         return rebuilt
@@ -153,28 +156,32 @@ class SparseWidePass(Pass):
             n = size_of(entry["features"])
             if n == module.num_features:
                 return module, ""
-            return type(module)(n, eps=module.eps, momentum=module.momentum, affine=module.affine,
-                                track_running_stats=module.track_running_stats, **factory).train(module.training), ""
+            return _constant_init_like(module, type(module)(
+                n, eps=module.eps, momentum=module.momentum, affine=module.affine,
+                track_running_stats=module.track_running_stats, **factory).train(module.training)), ""
         if kind == "group_norm":
             n = size_of(entry["features"])
-            return (module, "") if n == module.num_channels else \
-                (nn.GroupNorm(module.num_groups, n, eps=module.eps, affine=module.affine, **factory), "")
+            return (module, "") if n == module.num_channels else (_constant_init_like(module, nn.GroupNorm(
+                module.num_groups, n, eps=module.eps, affine=module.affine, **factory)), "")
         if kind in ("layer_norm", "rms_norm"):
             shape = tuple(size_of(e) for e in entry["shape"])
             if shape == tuple(module.normalized_shape):
                 return module, ""
             if kind == "rms_norm":
-                return nn.RMSNorm(shape, eps=module.eps, elementwise_affine=module.elementwise_affine, **factory), ""
-            return nn.LayerNorm(shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
-                                bias=getattr(module, "bias", None) is not None, **factory), ""
+                return _constant_init_like(module, nn.RMSNorm(
+                    shape, eps=module.eps, elementwise_affine=module.elementwise_affine, **factory)), ""
+            return _constant_init_like(module, nn.LayerNorm(
+                shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
+                bias=getattr(module, "bias", None) is not None, **factory)), ""
         if kind == "embedding":
             dim = size_of(entry["dim"])
             return (module, "") if dim == module.embedding_dim else \
-                (nn.Embedding(module.num_embeddings, dim, padding_idx=module.padding_idx, **factory), "")
+                (mark_fresh(nn.Embedding(module.num_embeddings, dim, padding_idx=module.padding_idx, **factory)), "")
         return module, ""
 
     # -- parameters, literals ------------------------------------------------------------
-    def _rebuild_params(self, gm, coupling: CouplingResult, size_of, rebuilt: Dict[str, nn.Module]) -> None:
+    def _rebuild_params(self, unit, coupling: CouplingResult, size_of, rebuilt: Dict[str, nn.Module]) -> None:
+        gm = unit.module
         done: Dict[int, torch.Tensor] = {}
         for target, exprs in coupling.params.items():
             owner_path, _, attr = target.rpartition(".")
@@ -189,19 +196,21 @@ class SparseWidePass(Pass):
                 new = _redraw(old, shape)
                 done[id(old)] = new
             owner = gm.get_submodule(owner_path) if owner_path else gm
+            unit.rewrites.tensors.append(TensorRewrite(target, old, new))
             if isinstance(old, nn.Parameter):
                 setattr(owner, attr, new if isinstance(new, nn.Parameter) else
                         nn.Parameter(new, requires_grad=old.requires_grad))
             else:
                 owner._buffers[attr] = new
 
-    def _rewrite_literals(self, gm, coupling: CouplingResult, size_of) -> None:
-        nodes = {n.name: n for n in gm.graph.nodes}
+    def _rewrite_literals(self, unit, coupling: CouplingResult, size_of) -> None:
+        nodes = {n.name: n for n in unit.module.graph.nodes}
         for literal in coupling.literals:
             new = size_of(literal.expr)
             if new == literal.value:
                 continue
             node = nodes[literal.node]
+            unit.rewrites.literal(node, literal.value, new)
             args = list(node.args)
             if literal.slot is None:
                 args[literal.index] = new
@@ -211,14 +220,16 @@ class SparseWidePass(Pass):
                 args[literal.index] = type(node.args[literal.index])(inner)
             node.args = tuple(args)
 
-    def _rescale_attention(self, gm, coupling: CouplingResult, size_of) -> None:
+    def _rescale_attention(self, unit, coupling: CouplingResult, size_of) -> None:
         """With head_dim widened, an explicit sdpa scale 1/sqrt(d) follows the new d."""
-        nodes = {n.name: n for n in gm.graph.nodes}
+        nodes = {n.name: n for n in unit.module.graph.nodes}
         for name, head_dim in coupling.sdpa_scales:
             old, new = coupling.axes.original(head_dim), size_of(head_dim)
             if old != new:
                 node = nodes[name]
-                node.kwargs = {**node.kwargs, "scale": node.kwargs["scale"] * math.sqrt(old / new)}
+                scale = node.kwargs["scale"] * math.sqrt(old / new)
+                unit.rewrites.literal(node, node.kwargs["scale"], scale)
+                node.kwargs = {**node.kwargs, "scale": scale}
 
     def _group_notes(self, coupling: CouplingResult, size_of) -> List[str]:
         axes = coupling.axes
@@ -242,6 +253,19 @@ class SparseWidePass(Pass):
             raise PassError(f"the widened graph does not propagate shapes: {e}") from e
         if unit.baseline_outputs is not None and outputs != unit.baseline_outputs:
             raise PassError(f"output shapes changed from {unit.baseline_outputs} to {outputs}")
+
+
+def _constant_init_like(old: nn.Module, new: nn.Module) -> nn.Module:
+    """A widened norm starts where the model initialised the original: a constant weight or bias
+    (timm's ``zero_init_last`` zeroes the last BatchNorm of each residual block) stays that constant."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            before, after = getattr(old, name, None), getattr(new, name, None)
+            if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.numel():
+                first = before.detach().flatten()[0]
+                if bool((before == first).all()):
+                    after.fill_(float(first))
+    return new
 
 
 def _is_masked(module: nn.Module) -> bool:

@@ -12,18 +12,20 @@
 What happens at each step (reference implementation, spec "Sparse training"):
 
 1. Before ``optimizer.step()`` (a step pre-hook on the optimizer): on steps that end with a mask
-   update the layers ran in dense-gradient mode (see ``layers.py``), so ``weight.grad`` is the
-   dense gradient; it is stashed and ``weight.grad`` is masked, so the optimizer sees exactly
-   the sparse gradient on every step. Call `mask_gradients` yourself before gradient clipping.
+   update the layers ran in dense-gradient mode (see ``layers.py``): the dense gradient was
+   summed into a side buffer by the backward (eager mode) or sits in ``weight.grad`` (compiled
+   models); it is collected and ``weight.grad`` is masked, so the optimizer, and in eager mode
+   gradient clipping too, sees exactly the sparse gradient on every step.
 2. ``masks.step()``: on update steps, per layer, drop the ``alpha(t)`` fraction of active weights
    with the smallest magnitude and regrow as many (RigL: largest dense-gradient magnitude,
    SET: random); then multiply weights, gradients and every optimizer state tensor shaped like
    the weight (SGD momentum, Adam moments, ...) by the mask. Newly grown weights and their
    optimizer state are therefore zero. Every layer keeps its exact non-zero count.
 
-Distributed (DDP): the dense gradient travels in ``weight.grad``, which DDP all-reduces anyway;
-weights are identical on all ranks and SET draws from generators seeded by (seed, layer, step),
-so every rank computes the same masks without any communication of its own.
+Distributed (DDP): weights are identical on all ranks, SET draws from generators seeded by (seed,
+layer, step), and RigL's dense gradients are averaged over the ranks with one all-reduce per mask
+update (compiled models: they travel in ``weight.grad``, which DDP all-reduces anyway), so every
+rank computes the same masks.
 """
 from __future__ import annotations
 
@@ -107,6 +109,7 @@ class MaskEngine:
         self.postponed = 0
         self.optimizer_stepped = False   # the pre-step hook ran since the last step()
         self.dense_grads: Dict[str, torch.Tensor] = {}
+        self._local_dense_grads: set = set()   # dense_grads that come from one rank's side buffer
         self._dense_mode = False
         self.history: List[Dict[str, Any]] = []   # one entry per mask update (step, drop fraction, counts)
         self.weights = self._collect()
@@ -197,20 +200,43 @@ class MaskEngine:
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
-        """Stash the dense gradients (on steps that need them) and zero gradients at inactive positions.
+        """Collect the dense gradients (on steps that need them) and zero gradients at inactive positions.
 
-        Runs by itself before ``optimizer.step()``; call it earlier yourself when something must
-        see the sparse gradient first, e.g. ``clip_grad_norm_`` (with AMP: after ``scaler.unscale_``).
+        Runs by itself before ``optimizer.step()``. In eager mode the gradients are masked as
+        backward computes them (the dense gradient goes to a side buffer, see ``layers.py``);
+        torch.compile'd and traced models compute a dense ``weight.grad`` on update steps: call
+        this yourself before anything that must see the sparse gradient, e.g. ``clip_grad_norm_``
+        (with AMP: after ``scaler.unscale_``).
         """
         if not self._dense_mode:
             return  # gradients are already zero at inactive positions (forward uses W * M)
         for w in self.weights:
+            side = w.layer.__dict__.pop("dense_grad_sum", None)
+            if side is not None:  # eager: weight.grad is masked already
+                self.dense_grads.setdefault(w.name, side)
+                self._local_dense_grads.add(w.name)
+                continue
             grad = w.param.grad
             if grad is None:
                 continue
             if w.name not in self.dense_grads:
                 self.dense_grads[w.name] = grad.detach().clone()
             grad.masked_fill_(~w.layer.weight_mask, 0)
+
+    def _reduce_dense_grads(self) -> None:
+        """Average the side-buffer dense gradients over the ranks of a distributed run (one
+        all-reduce per update): DDP only averages ``weight.grad``, which holds the masked gradient."""
+        import torch.distributed as dist
+        local = [self.dense_grads[name] for name in sorted(self._local_dense_grads) if name in self.dense_grads]
+        if not local or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        flat = torch.cat([g.flatten() for g in local])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in local:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def step(self) -> bool:
         """Call once after every ``optimizer.step()``; returns True when the masks changed."""
@@ -229,6 +255,9 @@ class MaskEngine:
                               "because optimizer.step() did not run; is the optimizer given to the engine the "
                               "one that steps?", stacklevel=2)
         self.dense_grads.clear()
+        self._local_dense_grads.clear()
+        for w in self.weights:  # a skipped step (GradScaler) leaves a side buffer: never carry it over
+            w.layer.__dict__.pop("dense_grad_sum", None)
         self._apply_masks(grads_finite=self.optimizer_stepped)
         self.optimizer_stepped = False
         self._set_dense_grad(self._wants_dense_grad(t + 1))
@@ -260,6 +289,8 @@ class MaskEngine:
 
     @torch.no_grad()
     def _update(self, step: int) -> None:
+        if self.needs_dense_grad:
+            self._reduce_dense_grads()
         alpha = self.schedule.drop_fraction_at(step)
         # "replaced": weights taken out by magnitude and refilled by score (int(alpha * count) per layer);
         # "dropped"/"grown": net change, smaller when regrowth picks just-dropped positions.

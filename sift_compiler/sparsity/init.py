@@ -10,12 +10,12 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from .layers import iter_masked
+from .layers import MaskedLayer, iter_masked
 
 
 def exact_count(density: float, numel: int) -> int:
@@ -51,13 +51,15 @@ def random_mask(shape, density: float, generator: np.random.Generator) -> torch.
     return torch.from_numpy(mask).view(tuple(shape))
 
 
-def init_masks(module: nn.Module, seed: int = 0, only_fresh: bool = True) -> Dict[str, int]:
+def init_masks(module: nn.Module, seed: int = 0, only_fresh: bool = True,
+               draw_weights: Optional[Callable[[MaskedLayer, str], None]] = None) -> Dict[str, int]:
     """Draw a mask for every masked layer below density 1; returns {layer name: non-zeros} of the
     layers it drew masks or weights for.
 
     ``only_fresh`` leaves layers that already carry a mask (not all ones) alone. Layers built
-    under `deferred_init` then get their weights (`MaskedLayer.init_on_mask`), from a generator
-    seeded by (seed, layer name): the same weights for the same seed, in any process.
+    under `deferred_init` then get their weights (`MaskedLayer.init_on_mask`, or
+    ``draw_weights(layer, name)`` when given: the model's own init, `initialization.InitPolicy`),
+    from a generator seeded by (seed, layer name): the same weights for the same seed, in any process.
     """
     drawn = {}
     for name, layer in sorted(iter_masked(module), key=lambda item: item[0]):
@@ -70,6 +72,9 @@ def init_masks(module: nn.Module, seed: int = 0, only_fresh: bool = True) -> Dic
                 layer.set_mask(mask.to(layer.weight.device))
             drawn[name] = exact_count(layer.target_density, mask.numel())
         if pending:
-            layer.init_on_mask(layer_generator(seed, name, stream=1))
+            if draw_weights is not None:
+                draw_weights(layer, name)
+            else:
+                layer.init_on_mask(layer_generator(seed, name, stream=1))
             drawn.setdefault(name, layer.weight.numel())
     return drawn

@@ -6,10 +6,14 @@ in forward, so gradients reach only unmasked weights without any hook. The maske
 ``weight`` itself are kept at zero by the mask engine; export bakes the product into exact zeros.
 
 Dense-gradient mode (``layer.dense_grad = True``, set by the RigL engine on the steps before a
-mask update): forward computes ``W - (W * ~M).detach()``, the same value as ``W * M`` but with
-gradient 1 everywhere, so ``weight.grad`` holds the dense gradient dL/d(W*M) that RigL grows
-from. Because it arrives in ``weight.grad``, DistributedDataParallel's own all-reduce averages it
-and every rank sees the same dense gradient without any extra communication.
+mask update): RigL grows where the dense gradient dL/d(W*M) is largest. In eager mode with an
+engine, the backward adds that dense gradient to a side buffer of the layer (``dense_grad_sum``,
+summed over micro-batches and over the calls of a shared layer) and puts only the masked gradient
+in ``weight.grad``: whatever looks at gradients before the optimizer (gradient clipping in a
+trainer, a norm logger) sees the sparse gradient, on every step, with nothing to call. The engine
+all-reduces the side buffers of a distributed run at the update. Traced and compiled code
+computes ``W - (W * ~M).detach()`` instead: the value of ``W * M`` with gradient 1 everywhere, so
+``weight.grad`` holds the dense gradient until `MaskEngine.mask_gradients` stashes and masks it.
 
 Engine-managed mode (``layer.engine_managed = True``, set while a mask engine trains the layer):
 the engine keeps the weights exactly zero off the mask after every step, so in eager mode the
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def _tracing() -> bool:
@@ -43,6 +48,9 @@ def _tracing() -> bool:
     if fx_trace is None:
         fx_trace = torch.fx._symbolic_trace.is_fx_tracing
     return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or fx_trace())
+
+
+_FLOAT_MASKS = WeakIdKeyDictionary()  # mask tensor -> (its version, the mask as 0/1 in the weight's dtype)
 
 
 class _MaskGradient(torch.autograd.Function):
@@ -57,6 +65,27 @@ class _MaskGradient(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
         return grad * mask, None
+
+
+class _DenseGradientTap(torch.autograd.Function):
+    """Forward: the weight as it is; backward: the dense gradient into the layer's side buffer,
+    the gradient times the mask into ``weight.grad``."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, layer: "MaskedLayer") -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        ctx.layer = layer
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        total = ctx.layer.__dict__.get("dense_grad_sum")
+        if total is None:
+            ctx.layer.__dict__["dense_grad_sum"] = grad.detach().clone()
+        else:
+            total.add_(grad)
+        return grad * mask, None, None
 
 
 class MaskedLayer:
@@ -77,11 +106,13 @@ class MaskedLayer:
     def masked_weight(self) -> torch.Tensor:
         managed = self.engine_managed and not _tracing()
         if self.dense_grad:
-            if managed:
-                return self.weight  # already zero off the mask: the value is W * M, the gradient dense
+            if managed:  # already zero off the mask: the value is W * M; the dense gradient goes aside
+                return _DenseGradientTap.apply(self.weight, self.float_mask(), self)
             # value W*M exactly (w - w == 0 for finite w), gradient to W dense
             return self.weight - (self.weight * (~self.weight_mask).to(self.weight.dtype)).detach()
         if managed:
+            if not torch.is_grad_enabled():  # inference: W is W * M, nothing to mask
+                return self.weight
             return _MaskGradient.apply(self.weight, self.float_mask())
         return self.weight * self.float_mask()
 
@@ -95,12 +126,14 @@ class MaskedLayer:
         mask, weight = self.weight_mask, self.weight
         if _tracing():
             return mask.to(weight.dtype)
-        cache = self.__dict__.get("_float_mask_cache")
-        if (cache is None or cache[0] is not mask or cache[1] != mask._version or cache[2].dtype != weight.dtype
-                or cache[2].device != weight.device):
-            cache = (mask, mask._version, mask.to(weight.dtype))
-            self.__dict__["_float_mask_cache"] = cache
-        return cache[2]
+        # keyed by the mask tensor itself, not kept in the module: a deep copy of the module has
+        # new masks whose version counters restart and could match a copied entry
+        cache = _FLOAT_MASKS.get(mask)
+        if cache is None or cache[0] != mask._version or cache[1].dtype != weight.dtype \
+                or cache[1].device != weight.device:
+            cache = (mask._version, mask.to(weight.dtype))
+            _FLOAT_MASKS[mask] = cache
+        return cache[1]
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Install ``mask`` and zero the weights it removes (so they stay exact zeros)."""
@@ -236,7 +269,10 @@ def new_layer(layer: nn.Module, masked: bool = True, **overrides) -> nn.Module:
         fresh.weight_mask.fill_(True)
         fresh.init_pending = True
         return fresh
-    return _build_layer(layer, masked, layer.weight.device, overrides)
+    built = _build_layer(layer, masked, layer.weight.device, overrides)
+    if not masked:  # the model's own init routine may redraw it (`initialization.init_fresh_modules`)
+        built.__dict__["_sift_fresh"] = True
+    return built
 
 
 def _build_layer(layer: nn.Module, masked: bool, device, overrides: Dict) -> nn.Module:
@@ -287,6 +323,7 @@ def masked_copy(layer: nn.Module) -> nn.Module:
 def plain_copy(layer: nn.Module) -> nn.Module:
     """The plain layer of a masked one, with the mask baked into exact (+0.0) zeros."""
     plain = new_layer(layer, masked=False)
+    plain.__dict__.pop("_sift_fresh", None)  # holds the trained values, not new ones
     with torch.no_grad():
         weight = layer.weight
         if isinstance(layer, MaskedLayer):
