@@ -134,7 +134,6 @@ def _transformers(model_type: str, options: Dict[str, Any]) -> nn.Module:
     except (ValueError, KeyError):
         known = sorted(auto.MODEL_MAPPING_NAMES)
         raise UserInputError(f"unknown transformers model type {model_type!r}{_suggest(model_type, known)}") from None
-    config.use_cache = False
     if model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         cls = transformers.AutoModelForMaskedLM
     elif model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:

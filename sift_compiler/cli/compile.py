@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..config import ACTIVATIONS
+from ..native import OUTPUTS
 from ..pipelines import TRANSFORM_PIPELINES
 from ._common import all_or_nothing, run_main, sparsity_arg
 
@@ -29,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "transformers: 1,128 token ids)")
     p.add_argument("--input-dtype", help="float32 (vision default) or int64 (token ids)")
     p.add_argument("-o", "--output", help="write the compiled model here (load with sift_compiler.load)")
+    p.add_argument("--output-form", choices=OUTPUTS, default="auto",
+                   help="the compiled model: your model's own class with the new modules in it ('native'), the "
+                        "torch.fx graph ('graph'), or native where it computes exactly what the graph does "
+                        "(default 'auto'; the report says why when it is the graph)")
     p.add_argument("--onnx", help="write masked ONNX here (exact zeros, opset --opset)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 to 17 (default 17)")
     p.add_argument("--no-deepsparse-check", action="store_true",
@@ -81,7 +86,8 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           round_to=args.round_to,
                           attention_width=args.attention_width, progress=sys.stderr if args.verbose else None,
                           model_name=args.model,
-                          source={"spec": args.model, "family": source.family, "weights": args.weights})
+                          source={"spec": args.model, "family": source.family, "weights": args.weights},
+                          output=args.output_form)
     if not args.quiet:
         print(result.report.table(max_layers=args.max_layers))
     with all_or_nothing() as written:

@@ -6,7 +6,7 @@
 >>> ...; optimizer.step(); masks.step(); optimizer.zero_grad()
 """
 from .init import exact_count, init_masks, random_mask
-from .engine import MaskEngine
+from .engine import ENGINE_METHODS, MaskEngine, make_engine
 from .evolution import SET
 from .layers import (MaskedConv1d, MaskedConv2d, MaskedConv3d, MaskedLayer, MaskedLinear, iter_masked, masked_copy,
                      masks, new_layer, plain_copy)
@@ -16,5 +16,5 @@ from .schedules import UpdateSchedule
 from .static import Static
 
 __all__ = ["masks", "iter_masked", "MaskedLayer", "MaskedLinear", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d",
-           "new_layer", "masked_copy", "plain_copy", "init_masks", "random_mask", "exact_count", "MaskEngine", "RigL",
+           "new_layer", "masked_copy", "plain_copy", "init_masks", "random_mask", "exact_count", "MaskEngine", "make_engine", "ENGINE_METHODS", "RigL",
            "SET", "Static", "UpdateSchedule", "is_transposable_nm", "random_nm_mask"]
