@@ -158,7 +158,7 @@ def flops(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[D
     if isinstance(model, fx.GraphModule) and hasattr(model, "sift_config"):
         gm, method, config = model, "compiled", model.sift_config
     else:
-        captured = capture(model, args, kwargs)
+        captured = capture(model, args, kwargs, copy_model=False)  # reads the model: no copy of its weights
         gm, method, config = captured.module, captured.method, CompileConfig()
     unit = CompilationUnit(gm, args, kwargs, CompileConfig())
     counts = unit.analyses.get(FlopAnalysis)

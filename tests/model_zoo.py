@@ -29,7 +29,7 @@ MODELS: Dict[str, Callable[[], Case]] = {
     "resnet50": _spec("torchvision:resnet50", (1, 3, 64, 64)),
     "mobilenet_v2": _spec("torchvision:mobilenet_v2", (1, 3, 64, 64)),
     "densenet121": _spec("torchvision:densenet121", (1, 3, 64, 64)),
-    "convnext_tiny": _spec("torchvision:convnext_tiny", (1, 3, 32, 32)),
+    "convnext_tiny": _spec("torchvision:convnext_tiny", (1, 3, 64, 64)),
     "vit_b_16": _spec("torchvision:vit_b_16,image_size=32", (1, 3, 32, 32)),
     "timm_convnext_atto": _spec("timm:convnext_atto", (1, 3, 64, 64)),
     "timm_vit_tiny": _spec("timm:vit_tiny_patch16_224,img_size=32", (1, 3, 32, 32)),

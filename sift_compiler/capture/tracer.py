@@ -199,20 +199,23 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
     reference = reference_outputs(model, args, kwargs) if verify else None
     original = model
     model = copy.deepcopy(model) if copy_model else model
+    flags = [] if copy_model else [(m, m.training) for m in model.modules()]  # the graph shares them
     canonicalized = canonicalize_modules(model)
     try:
         with _kv_cache_off(model) as note:
             gm, used, fx_error = _trace(model, args, kwargs, method)
         modularize_functional_ops(gm, model)
         annotate_provenance(gm, model)
+        gm.train(original.training)  # modules made from baked train/eval flags follow the model's mode
+        if verify:
+            check_capture(gm, args, kwargs, reference, type(original).__name__)
     finally:
         if not copy_model:
             for path, module in canonicalized.items():
                 parent, _, name = path.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, name, module)
-    gm.train(original.training)  # modules made from baked train/eval flags follow the model's mode
-    if verify:
-        check_capture(gm, args, kwargs, reference, type(original).__name__)
+            for module, flag in flags:
+                module.training = flag
     return CaptureResult(gm, used, fx_error, model if copy_model else None, canonicalized if copy_model else {},
                          kwargs, [note] if note else [])
 
