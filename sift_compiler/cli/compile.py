@@ -31,8 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the compiled model here (load with sift_compiler.load)")
     p.add_argument("--onnx", help="write masked ONNX here (exact zeros, opset --opset)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 to 17 (default 17)")
-    p.add_argument("--no-deepsparse-check", action="store_true",
-                   help="do not compile the ONNX file in DeepSparse nor compare it with onnxruntime")
+    p.add_argument("--deepsparse", choices=("auto", "require", "skip"), default="auto",
+                   help="DeepSparse checks of the ONNX file: auto (default: run them where DeepSparse is installed; "
+                        "a file only DeepSparse fails is written, marked not for DeepSparse, exit 1), require (such "
+                        "a file, or no DeepSparse, is a failure and nothing is written), skip")
+    p.add_argument("--no-deepsparse-check", action="store_true", help="the same as --deepsparse skip")
     p.add_argument("--report", help="write the FLOP report as JSON here")
     p.add_argument("--keep-dense", nargs="+", default=[], metavar="PATTERN",
                    help="keep layers dense whose name or type matches these glob patterns (e.g. 'layer4.*' Linear)")
@@ -76,35 +79,44 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     torch.manual_seed(args.seed)  # random-weight models are reproducible (sift-check --against SPEC)
     source = load_model(args.model, shape, dtype, trust_pickle=args.trust_pickle, weights=args.weights)
     print(f"sift-compile: compiling ({args.transform}, input {source.describe_input()})", file=sys.stderr, flush=True)
-    result = sift_compile(source.module, args.transform, sparsity, source.args, source.kwargs, seed=args.seed,
-                          keep_dense=args.keep_dense, activation=args.activation, linear_norm=args.linear_norm,
-                          round_to=args.round_to,
-                          attention_width=args.attention_width, progress=sys.stderr if args.verbose else None,
-                          model_name=args.model,
-                          source={"spec": args.model, "family": source.family, "weights": args.weights})
+    options = dict(seed=args.seed, keep_dense=args.keep_dense, activation=args.activation,
+                   linear_norm=args.linear_norm, round_to=args.round_to, attention_width=args.attention_width,
+                   progress=sys.stderr if args.verbose else None, model_name=args.model,
+                   source={"spec": args.model, "family": source.family, "weights": args.weights})
+
+    def compile_with(**changes):
+        return sift_compile(source.module, args.transform, sparsity, source.args, source.kwargs,
+                            **{**options, **changes})
+    result = compile_with()
     if not args.quiet:
         print(result.report.table(max_layers=args.max_layers))
+    outcome = "ok"
     with all_or_nothing() as written:
+        if args.onnx:
+            result, outcome = _write_onnx(result, source, args, written, compile_with)
         if args.report:
             write_text(args.report, result.report.to_json())
             written.append(args.report)
-        if args.onnx:
-            _write_onnx(result, source, args, written)
         if args.output:
             result.save(args.output)
             written.append(args.output)
     for path in written:
         print(f"sift-compile: wrote {path}", file=sys.stderr)
-    return 0
+    return 1 if outcome == "not-for-deepsparse" else 0
 
 
-def _write_onnx(result, source, args, written) -> None:
+def _write_onnx(result, source, args, written, compile_with):
+    """Export (the outcome policy: exporters/outcome.py); returns the model written and the outcome."""
     from ..errors import ExportError
-    from ..exporters.onnx import export_onnx
+    from ..exporters.outcome import export_with_compile_remedies
     from ..exporters.verify import onnxruntime_outputs
-    info = export_onnx(result.module, source.args, args.onnx, source.kwargs, opset=args.opset,
-                       deepsparse="skip" if args.no_deepsparse_check else "auto")
+    mode = "skip" if args.no_deepsparse_check else args.deepsparse
+    result, info, recompiled = export_with_compile_remedies(result, compile_with, source.args, args.onnx,
+                                                            source.kwargs, opset=args.opset, deepsparse=mode)
     written.append(args.onnx)
+    if recompiled and not args.quiet:
+        print(f"\nremedied: {recompiled}; the model written is this one:")
+        print(result.report.table(max_layers=args.max_layers))
     outputs = onnxruntime_outputs(args.onnx, info, source.args, source.kwargs)
     expected = [tuple(spec.shape) for spec in _leaves(result.unit.baseline_outputs)]
     actual = [tuple(o.shape) for o in outputs]
@@ -114,6 +126,10 @@ def _write_onnx(result, source, args, written) -> None:
         print(f"sift-compile: note: {note}", file=sys.stderr)
     if getattr(info, "verification", None) is not None and not args.quiet:
         print(info.verification.table())
+    if info.outcome == "not-for-deepsparse":
+        print(f"sift-compile: {args.onnx}: written for onnxruntime; DeepSparse must not run it: "
+              f"{info.deepsparse_reason}", file=sys.stderr)
+    return result, info.outcome
 
 
 def _leaves(tree):

@@ -9,7 +9,10 @@
 ``onnxruntime-other-shape``    (when the file declares dynamic axes and torch outputs are given)
                                onnxruntime agrees with torch at one more sample in the batch (and
                                one token less, for token ids): no size was fixed at export
-``deepsparse-compiles``        DeepSparse compiles the file; reports its fraction of supported ops
+``deepsparse-allowed``         (files the exporter marked) fails: the exporter found that DeepSparse
+                               must not run the file, and says why (exporters/outcome.py)
+``deepsparse-compiles``        DeepSparse compiles the file (in a child process: an abort or a hang is
+                               a failed check with one line of reason); its fraction of supported ops
 ``deepsparse-supported-ops``   (when asked) that fraction is at least the minimum
 ``deepsparse-vs-onnxruntime``  DeepSparse's outputs agree with onnxruntime's. Runtimes have bugs:
                                DeepSparse 1.8 sums >= 9 convs of one input wrongly, so this runs
@@ -29,10 +32,11 @@ import numpy as np
 
 from ..errors import ExportError, SiftError, first_line
 from .runtimes import deepsparse_status, open_engine
-from .weights import LayerSparsity, load_onnx, layers_from_metadata, weight_arrays
+from .weights import LayerSparsity, load_onnx, layers_from_metadata, not_for_deepsparse, weight_arrays
 
 DEFAULT_RTOL = 1e-3
 OTHER_SHAPE_CHECK = "onnxruntime-other-shape"
+MARK_CHECK = "deepsparse-allowed"
 
 
 @dataclass
@@ -203,21 +207,23 @@ def _deepsparse_checks(path: str, feeds, ort_outputs, rtol: float, min_supported
     batch = next(iter(feeds.values())).shape[0] if feeds else 1
     try:
         engine = open_engine("deepsparse", path, batch, num_cores, [list(v.shape) for v in feeds.values()])
-    except SiftError as e:
+    except SiftError as e:  # a refusal, or a native abort/hang in the worker (one line: exporters.runtimes)
         return [Check("deepsparse-compiles", False, str(e))]
-    fraction = engine.fraction_of_supported_ops
-    report.fraction_of_supported_ops = fraction
-    checks = [Check("deepsparse-compiles", True, f"fraction of supported ops {fraction:.4f} ({engine.description})")]
-    if min_supported_ops is not None:
-        checks.append(Check("deepsparse-supported-ops", fraction >= min_supported_ops - 1e-9,
-                            f"{fraction:.4f}, minimum {min_supported_ops:g}"))
-    if ort_outputs is None:
-        checks.append(Check("deepsparse-vs-onnxruntime", True, "onnxruntime did not run", skipped=True))
-        return checks
-    try:
-        outputs = engine.run(feeds)
-    except Exception as e:
-        return checks + [Check("deepsparse-vs-onnxruntime", False, f"DeepSparse failed to run: {type(e).__name__}: {e}")]
+    with engine:
+        fraction = engine.fraction_of_supported_ops
+        report.fraction_of_supported_ops = fraction
+        checks = [Check("deepsparse-compiles", True, f"fraction of supported ops {fraction:.4f} "
+                                                     f"({engine.description})")]
+        if min_supported_ops is not None:
+            checks.append(Check("deepsparse-supported-ops", fraction >= min_supported_ops - 1e-9,
+                                f"{fraction:.4f}, minimum {min_supported_ops:g}"))
+        if ort_outputs is None:
+            checks.append(Check("deepsparse-vs-onnxruntime", True, "onnxruntime did not run", skipped=True))
+            return checks
+        try:
+            outputs = engine.run(feeds)
+        except SiftError as e:
+            return checks + [Check("deepsparse-vs-onnxruntime", False, f"DeepSparse failed to run: {e}")]
     checks.append(_output_check("deepsparse-vs-onnxruntime", outputs, ort_outputs, rtol, report))
     return checks
 
@@ -231,7 +237,8 @@ def verify_onnx(path: str, feeds: Dict[str, np.ndarray], *, reference: Optional[
 
     ``feeds``: inputs by name; ``reference``: torch's outputs on them (enables onnxruntime-vs-torch);
     ``layers``/``missing``: the exporter's layer matching (default: the file's ``sift.layers``
-    metadata); ``deepsparse``: "auto" (skip when not installed), "require" or "skip";
+    metadata); ``deepsparse``: "auto" (skip when not installed), "require" or "skip" (which also
+    skips ``deepsparse-allowed``);
     ``other_shape``: (feeds, torch outputs) at another size of the file's dynamic axes.
 
     >>> report = verify_onnx("model.onnx", {"input": x})
@@ -245,6 +252,7 @@ def verify_onnx(path: str, feeds: Dict[str, np.ndarray], *, reference: Optional[
     report.layers = list(layers or [])
     report.weight_sparsity = overall_weight_sparsity(model)
     report.checks += sparsity_checks(layers, missing, model, min_sparsity)
+    marked = not_for_deepsparse(model)
     del model
     ort_outputs, session = None, None
     try:
@@ -267,6 +275,9 @@ def verify_onnx(path: str, feeds: Dict[str, np.ndarray], *, reference: Optional[
             check = _output_check(OTHER_SHAPE_CHECK, outputs, other_reference, rtol, report)
             report.checks.append(Check(check.name, check.ok, f"at {shapes}: {check.detail}"))
     del session
+    if marked is not None and deepsparse != "skip":
+        report.checks.append(Check(MARK_CHECK, False, f"the exporter found that DeepSparse must not run this file "
+                                                      f"(written for onnxruntime): {marked}"))
     if deepsparse != "skip":
         report.checks += _deepsparse_checks(path, feeds, ort_outputs, rtol, min_supported_ops, deepsparse, num_cores,
                                             report)
