@@ -30,6 +30,7 @@ class CompileResult:
     capture_method: str
     timings: Dict[str, float]
     source: Optional[Dict[str, Any]] = None  # how to rebuild the dense model (for save/load)
+    latency: Optional[Any] = None            # budget="latency": the search behind it (latency.LatencySearch)
 
     def save(self, path: str) -> None:
         """Write the compiled model so that `sift_compiler.load` restores it (see serialize.py)."""
@@ -50,7 +51,8 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
             seed: int = 0, keep_dense: Sequence[str] = (), activation: str = "auto", linear_norm: bool = False,
             round_to: int = 1, attention_width: str = "keep", capture_method: str = "auto",
             progress: Optional[TextIO] = None, model_name: str = "", source: Optional[Dict[str, Any]] = None,
-            ) -> CompileResult:
+            budget: str = "flops", capacity: Optional[float] = None, runtime: Optional[str] = None,
+            latency: Optional[Any] = None) -> CompileResult:
     """Capture ``model`` and rewrite it with a Sparse-IFT transform at equal FLOPs.
 
     >>> import sift_compiler as sift, torch, torchvision
@@ -62,10 +64,23 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
     ``transform``: "none" (dense baseline), "parallel", "factorized", "doped" or "wide";
     ``sparsity``: s in [0, 1). ``seed`` fixes the masks and every new weight (the caller's torch
     RNG state is neither used nor advanced). The user's ``model`` is not modified.
+
+    ``capacity`` sets the transform's size instead of the iso-FLOP formula (`CompileConfig`);
+    ``budget="latency"`` keeps the sparse layers at ``sparsity`` (not iso-FLOP) and, without a
+    ``capacity``, searches the largest one whose latency on ``runtime`` ("deepsparse" or
+    "onnxruntime") meets the dense model's (``latency``: a `latency.LatencyBudget`, e.g. the batch
+    size and the ratio allowed); ``result.latency`` then holds the measurements.
     """
+    if budget == "latency" and capacity is None and transform != "none":
+        from .latency import compile_for_latency
+        options = dict(seed=seed, keep_dense=keep_dense, activation=activation, linear_norm=linear_norm,
+                       round_to=round_to, attention_width=attention_width, capture_method=capture_method,
+                       model_name=model_name, source=source)
+        return compile_for_latency(model, transform, sparsity, example_inputs, example_kwargs, runtime, latency,
+                                   options, log=progress)
     config = CompileConfig(transform=transform, sparsity=sparsity, seed=seed, keep_dense=tuple(keep_dense),
                            activation=activation, linear_norm=linear_norm, round_to=round_to,
-                           attention_width=attention_width)
+                           attention_width=attention_width, capacity=capacity, budget=budget)
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     timing = TimingInstrument()
     captured = capture(model, args, kwargs, method=capture_method)

@@ -110,7 +110,7 @@ def load(path: str, model: Optional[nn.Module] = None, trust_source: bool = Fals
     result = compile(dense, config.transform, config.sparsity, tuple(args), kwargs, seed=config.seed,
                      keep_dense=config.keep_dense, activation=config.activation, linear_norm=config.linear_norm,
                      round_to=config.round_to, attention_width=config.attention_width,
-                     capture_method=plan.get("capture_method", "auto"), source=plan.get("source"))
+                     capacity=config.capacity, budget=config.budget, capture_method=plan.get("capture_method", "auto"), source=plan.get("source"))
     try:
         result.module.load_state_dict(content["state_dict"], strict=True)
     except RuntimeError as e:

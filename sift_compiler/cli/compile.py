@@ -50,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=1, help="Sparse Wide: round widened channels to this multiple")
     p.add_argument("--attention-width", choices=("keep", "scale"), default="keep",
                    help="Sparse Wide on attention: keep heads x head_dim (paper), or scale it with d_model")
+    p.add_argument("--capacity", type=float, default=None,
+                   help="the transform's size instead of the iso-FLOP formula: wide k, parallel branches B, "
+                        "factorized h and doped r as multiples of their iso-FLOP values")
+    p.add_argument("--budget", choices=("flops", "latency"), default="flops",
+                   help="flops (default): iso-FLOP, as the paper; latency: sparse layers stay at s and the largest "
+                        "capacity whose latency on --runtime meets the dense model's is searched (measured here)")
+    p.add_argument("--runtime", choices=("deepsparse", "onnxruntime"), default="deepsparse",
+                   help="--budget latency: the runtime to measure on (default deepsparse)")
+    p.add_argument("--batch-size", type=int, default=1, help="--budget latency: batch size measured (default 1)")
+    p.add_argument("--latency-ratio", type=float, default=1.0,
+                   help="--budget latency: latency allowed, as a multiple of the dense model's (default 1.0)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="--budget latency: interleaved rounds (dense, candidate) per measurement (default 5)")
     p.add_argument("--max-layers", type=int, default=None, help="print at most this many layer rows")
     p.add_argument("--quiet", "-q", action="store_true", help="print no report")
     p.add_argument("--verbose", "-v", action="store_true", help="log details and show tracebacks")
@@ -57,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> float:
+    if args.budget == "latency" and args.transform == "none":
+        parser.error("--budget latency sizes a Sparse-IFT transform: pass --transform wide|parallel|factorized|doped")
+    if args.batch_size < 1 or args.rounds < 1 or args.latency_ratio <= 0:
+        parser.error("--batch-size and --rounds must be at least 1, --latency-ratio positive")
     if args.transform == "none":
         return 0.0
     if args.sparsity is None:
@@ -69,6 +86,9 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..capture.sources import load_model, parse_dtype, parse_input_shape
     from ..io import check_writable, write_text
     sparsity = _validate(args, parser)
+    if args.budget == "latency" and args.capacity is None:
+        from ..latency import check_runtime
+        check_runtime(args.runtime)  # exit 2, before anything slow, on a machine without it
     for path, what in ((args.output, "model file"), (args.onnx, "ONNX file"), (args.report, "report")):
         if path:
             check_writable(path, what)
@@ -87,7 +107,12 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     def compile_with(**changes):
         return sift_compile(source.module, args.transform, sparsity, source.args, source.kwargs,
                             **{**options, **changes})
-    result = compile_with()
+    options.update(budget=args.budget, capacity=args.capacity)
+    if args.budget == "latency" and args.capacity is None:
+        result = _search_latency(args, source, sparsity, options)
+        options["capacity"] = result.latency.capacity  # remedies recompile the chosen size
+    else:
+        result = compile_with()
     if not args.quiet:
         print(result.report.table(max_layers=args.max_layers))
     outcome = "ok"
@@ -130,6 +155,20 @@ def _write_onnx(result, source, args, written, compile_with):
         print(f"sift-compile: {args.onnx}: written for onnxruntime; DeepSparse must not run it: "
               f"{info.deepsparse_reason}", file=sys.stderr)
     return result, info.outcome
+
+
+def _search_latency(args, source, sparsity, options):
+    """--budget latency: measure, print the search, return the chosen model."""
+    from ..latency import LatencyBudget, compile_for_latency
+    print(f"sift-compile: searching the capacity whose latency on {args.runtime} (batch {args.batch_size}) is at "
+          f"most {args.latency_ratio:g}x the dense model's", file=sys.stderr, flush=True)
+    budget = LatencyBudget(batch_size=args.batch_size, ratio=args.latency_ratio, rounds=args.rounds)
+    search_options = {k: v for k, v in options.items() if k not in ("budget", "capacity", "progress")}
+    result = compile_for_latency(source.module, args.transform, sparsity, source.args, source.kwargs, args.runtime,
+                                 budget, search_options, log=sys.stderr)
+    if not args.quiet:
+        print(result.latency.table() + "\n")
+    return result
 
 
 def _leaves(tree):
