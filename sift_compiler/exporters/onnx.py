@@ -18,11 +18,14 @@
 5. writes the weights to one external ``<name>.data`` file when they pass 2 GB (protobuf's
    limit), or when ``external_data=True``;
 6. verifies the written file (`exporters.checks`: onnx checker, per-layer sparsity, onnxruntime
-   against torch, DeepSparse compiles it and agrees with onnxruntime) and, with ``strict``,
-   refuses to publish a file that fails. A ``form="auto"`` export keeps branches only where
-   DeepSparse verified them: if DeepSparse disagrees with onnxruntime, or cannot check the file,
-   it is written as ``stacked-conv``; a file whose dynamic axes fail at a second input shape
-   is written with the example's fixed shapes. Files appear whole, verified, or not at all.
+   against torch, DeepSparse, in its worker process, compiles it and agrees with onnxruntime) and
+   applies the outcome policy (`exporters.outcome`): each failed check the policy has a remedy for
+   (static shapes, ``stacked-conv`` for branches DeepSparse gets wrong, Doped Linears as one
+   matmul) is retried in one loop, the first attempt that verifies is published; a correct file
+   only DeepSparse fails is published marked not for DeepSparse (unless ``deepsparse="require"``);
+   anything else raises `VerificationFailed`. A ``form="auto"`` export keeps branches only where
+   DeepSparse verified them (it writes ``stacked-conv`` where DeepSparse cannot check). Files
+   appear whole, verified, or not at all.
 """
 from __future__ import annotations
 
