@@ -72,7 +72,7 @@ def run_one(spec: str, shape, transform: str, sparsity: float, out_dir: str) -> 
         _, info, recompiled = export_with_compile_remedies(result, compile_with, source.args, path, source.kwargs)
         row["outcome"] = info.outcome
         if info.outcome == "remedied":
-            row["reason"] = recompiled or info.notes[0]
+            row["reason"] = info.notes[0] if info.notes else recompiled
         elif info.outcome == "not-for-deepsparse":
             row["reason"] = info.deepsparse_reason
         elif info.outcome == "unchecked":
