@@ -75,6 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     x = torch.randn(1, 3, args.image_size, args.image_size)
     rows: List[dict] = []
     searches = []
+    measured = {}  # (transform, batch) -> {capacity: probe}: one measurement per capacity serves every budget
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for transform in args.transforms.split(","):
             for ratio in [float(r) for r in args.ratios.split(",")]:
@@ -86,7 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"== {transform} s={args.sparsity} batch {batch} budget {ratio}x", file=sys.stderr, flush=True)
                 result = compile_for_latency(model, transform, args.sparsity, (x,), None, args.runtime, budget,
                                              {"seed": 0, "round_to": args.round_to, "model_name": "resnet18"},
-                                             log=sys.stderr)
+                                             log=sys.stderr,
+                                             measured=measured.setdefault((transform, batch), {}))
                 search = result.latency
                 print(search.table(), flush=True)
                 rows.append({"transform": transform, "batch_size": batch, "ratio": ratio, "capacity": search.capacity,

@@ -69,6 +69,7 @@ class Probe:
     flop_ratio: float
     dense_ms: float
     sift_ms: float
+    error: str = ""      # the runtime could not compile or run the candidate (it counts as over budget)
 
     def meets(self, ratio: float) -> bool:
         return self.latency_ratio <= ratio
@@ -96,7 +97,8 @@ class LatencySearch:
                 f"{'capacity':>10}  {'dense ms':>9}  {'sift ms':>9}  {'latency/dense':>13}  {'FLOPs/dense':>11}  meets"]
         for p in self.probes:
             rows.append(f"{p.capacity:>10.4g}  {p.dense_ms:>9.2f}  {p.sift_ms:>9.2f}  {p.latency_ratio:>13.3f}  "
-                        f"{p.flop_ratio:>11.3f}  {'yes' if p.meets(b.ratio) else 'no'}")
+                        f"{p.flop_ratio:>11.3f}  {'yes' if p.meets(b.ratio) else 'no'}"
+                        + (f"  ({p.error})" if p.error else ""))
         rows.append(f"chosen capacity {self.capacity:g} (iso-FLOP: {self.iso_flop_capacity:.4g}): latency "
                     f"{self.latency_ratio:.3f}x dense, FLOPs {self.flop_ratio:.3f}x dense (weight layers)")
         if self.note:
@@ -159,16 +161,23 @@ class _Measurer:
         return path
 
     def measure(self, capacity: float) -> Probe:
+        from .errors import ExportError
         from .exporters.runtimes import open_engine
         result = self.compile_at(capacity)
         path = self._export(result, "candidate")
         b = self.budget
         dense_rounds, sift_rounds = [], []
-        with open_engine(self.runtime, path, b.batch_size, b.num_cores, self.shapes) as engine:
-            for _ in range(b.rounds):
-                dense_rounds.append(float(np.median(self.dense.time(self.feeds, b.warmup, b.iterations))))
-                sift_rounds.append(float(np.median(engine.time(self.feeds, b.warmup, b.iterations))))
-        os.remove(path)
+        try:
+            with open_engine(self.runtime, path, b.batch_size, b.num_cores, self.shapes) as engine:
+                for _ in range(b.rounds):
+                    dense_rounds.append(float(np.median(self.dense.time(self.feeds, b.warmup, b.iterations))))
+                    sift_rounds.append(float(np.median(engine.time(self.feeds, b.warmup, b.iterations))))
+        except ExportError as e:  # the runtime aborted or timed out on this candidate: over budget, say why
+            if self.log:
+                print(f"sift: capacity {capacity:.4g}: {e}", file=self.log, flush=True)
+            return Probe(capacity, float("inf"), result.report.flop_ratio, float("nan"), float("nan"), str(e))
+        finally:
+            os.remove(path)
         ratio = float(np.median([s / d for s, d in zip(sift_rounds, dense_rounds)]))
         probe = Probe(capacity, ratio, result.report.flop_ratio, float(np.median(dense_rounds)),
                       float(np.median(sift_rounds)))
@@ -191,18 +200,29 @@ def _narrow_enough(lo: float, hi: float, integer: bool, tolerance: float) -> boo
 
 
 def search(transform: str, sparsity: float, compile_at: Callable[[Optional[float]], Any], example_inputs,
-           example_kwargs, runtime: str, budget: LatencyBudget, log: Optional[TextIO] = None) -> LatencySearch:
-    """Bracket and bisect the capacity (module docstring); ``compile_at(None)`` is the dense model."""
+           example_kwargs, runtime: str, budget: LatencyBudget, log: Optional[TextIO] = None,
+           measured: Optional[Dict[float, Probe]] = None) -> LatencySearch:
+    """Bracket and bisect the capacity (module docstring); ``compile_at(None)`` is the dense model.
+
+    ``measured``: probes of earlier searches of the same model, transform, runtime and batch (e.g.
+    for other budget ratios), reused instead of measured again; new probes are added to it.
+    """
     if transform not in ("wide", "parallel", "factorized", "doped"):
         raise UserInputError(f"budget='latency' needs a Sparse-IFT transform, not {transform!r}")
     integer = transform == "parallel"
     iso = iso_flop_capacity(transform, sparsity)
     cap = budget.max_capacity or 4.0 * iso
-    measurer = _Measurer(compile_at, example_inputs, example_kwargs, runtime, budget, log)
+    measured = {} if measured is None else measured
+    measurer: Optional[_Measurer] = None
     probes: List[Probe] = []
     try:
         def probe(capacity: float) -> Probe:
-            probes.append(measurer.measure(capacity))
+            nonlocal measurer
+            if capacity not in measured:
+                if measurer is None:
+                    measurer = _Measurer(compile_at, example_inputs, example_kwargs, runtime, budget, log)
+                measured[capacity] = measurer.measure(capacity)
+            probes.append(measured[capacity])
             return probes[-1]
         low = probe(_smallest(transform))
         if not low.meets(budget.ratio):
@@ -228,9 +248,14 @@ def search(transform: str, sparsity: float, compile_at: Callable[[Optional[float
             else:
                 hi = mid
         best = max((p for p in probes if p.meets(budget.ratio)), key=lambda p: p.capacity)
+        failed = [p for p in probes if p.error]
+        if failed:
+            return _answer(transform, sparsity, runtime, budget, iso, probes, best,
+                           f"{len(failed)} candidates could not run (counted as over budget): {failed[0].error}")
         return _answer(transform, sparsity, runtime, budget, iso, probes, best, "")
     finally:
-        measurer.close()
+        if measurer is not None:
+            measurer.close()
 
 
 def _answer(transform, sparsity, runtime, budget, iso, probes, chosen: Probe, note: str) -> LatencySearch:
@@ -240,7 +265,7 @@ def _answer(transform, sparsity, runtime, budget, iso, probes, chosen: Probe, no
 
 def compile_for_latency(model, transform: str, sparsity: float, example_inputs, example_kwargs,
                         runtime: Optional[str], latency: Optional[LatencyBudget], options: Dict[str, Any],
-                        log: Optional[TextIO] = None):
+                        log: Optional[TextIO] = None, measured: Optional[Dict[float, Probe]] = None):
     """`sift_compiler.compile` with ``budget="latency"`` and no capacity: search it, return the chosen model.
 
     The result's ``latency`` holds the `LatencySearch`; its report notes the chosen capacity.
@@ -254,7 +279,7 @@ def compile_for_latency(model, transform: str, sparsity: float, example_inputs, 
             return sift_compile(model, "none", 0.0, example_inputs, example_kwargs, **options)
         return sift_compile(model, transform, sparsity, example_inputs, example_kwargs, budget="latency",
                             capacity=capacity, **options)
-    found = search(transform, sparsity, compile_at, example_inputs, example_kwargs, runtime, budget, log)
+    found = search(transform, sparsity, compile_at, example_inputs, example_kwargs, runtime, budget, log, measured)
     result = compile_at(found.capacity)
     result.latency = found
     result.report.notes.append(
