@@ -52,24 +52,25 @@ def test_capacity_under_the_flop_budget_is_compensated_to_iso_flop():
 
 
 def test_search_on_onnxruntime_converges_and_reports():
-    budget = LatencyBudget(batch_size=2, ratio=1.5, rounds=3, iterations=3, max_steps=4)
+    """The search's path depends on the timings; what it must always hold does not (checked here)."""
+    ratio = 2.5
+    budget = LatencyBudget(batch_size=2, ratio=ratio, rounds=3, iterations=3, max_steps=4)
     result = sift.compile(conv_net(), "parallel", 0.75, (X,), budget="latency", runtime="onnxruntime", latency=budget)
     search = result.latency
     assert search.iso_flop_capacity == iso_flop_capacity("parallel", 0.75) == 4
     capacities = [p.capacity for p in search.probes]
-    assert capacities[:2] == [1, 4] and len(capacities) <= 2 + budget.max_steps
-    assert all(float(c).is_integer() for c in capacities)  # branch counts are integers
-    chosen = next(p for p in search.probes if p.capacity == search.capacity)
-    assert chosen.meets(1.5) or search.note.startswith("even the smallest capacity")
-    # the search's own bookkeeping: the answer is the largest capacity measured within budget, and the
-    # bracket closed on it (the next integer up was measured over budget, or was the iso-FLOP bound)
-    met = [p.capacity for p in search.probes if p.meets(1.5)]
-    assert search.capacity == max(met)
-    assert any(p.capacity == search.capacity + 1 and not p.meets(1.5) for p in search.probes) or search.note
-    assert search.flop_ratio == pytest.approx(result.report.flop_ratio)
+    assert capacities[0] == 1 and all(float(c).is_integer() for c in capacities)  # B: integers from 1
+    assert len(set(capacities)) == len(capacities)                                # nothing measured twice
+    met = [p.capacity for p in search.probes if p.meets(ratio)]
+    if met:  # bracketed from 1 and the iso-FLOP 4, then bisected: the answer is the largest that met,
+        assert capacities[1] == 4 and search.capacity == max(met)  # and the next integer up failed
+        assert search.note or any(p.capacity == search.capacity + 1 and not p.meets(ratio) for p in search.probes)
+    else:
+        assert search.capacity == 1 and search.note.startswith("even the smallest capacity (1)")
+    assert search.flop_ratio == pytest.approx(result.report.flop_ratio) > 0
     assert result.config.capacity == search.capacity and result.config.budget == "latency"
     table = search.table()
-    assert "iso-latency search: parallel at s = 0.75 on onnxruntime, batch 2, budget 1.5x dense" in table
+    assert "iso-latency search: parallel at s = 0.75 on onnxruntime, batch 2, budget 2.5x dense" in table
     assert f"chosen capacity {search.capacity:g} (iso-FLOP: 4)" in table
     assert any(n.startswith(f"iso-latency: capacity {search.capacity:g}") for n in result.report.notes)
 
