@@ -7,7 +7,7 @@
 >>> print(result.report.table())
 >>> sift.export_onnx(result.module, (x,), "model.onnx")
 """
-from . import sparsity
+from . import latency, sparsity
 from .api import CompileResult, compile, flops
 from .capture import capture, leaf_module, load_model
 from .config import CompileConfig
@@ -22,5 +22,5 @@ from .unit import CompilationUnit
 __version__ = "0.1.0"
 __all__ = ["compile", "flops", "CompileResult", "CompileConfig", "CompilationUnit", "FlopReport", "capture",
            "leaf_module", "load_model", "export_onnx", "get_pipeline", "pipeline_names", "register_pipeline",
-           "load", "save", "sparsity", "SiftError", "UserInputError", "ModelLoadError", "CaptureError",
+           "load", "save", "sparsity", "latency", "SiftError", "UserInputError", "ModelLoadError", "CaptureError",
            "PassError", "ExportError", "UnsupportedOpError"]

@@ -40,6 +40,7 @@ class CompileResult:
     timings: Dict[str, float]
     source: Optional[Dict[str, Any]] = None  # how to rebuild the dense model (for save/load)
     output: str = "graph"
+    latency: Optional[Any] = None            # budget="latency": the search behind it (latency.LatencySearch)
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -65,7 +66,8 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
             seed: int = 0, keep_dense: Sequence[str] = (), activation: str = "auto", linear_norm: bool = False,
             round_to: int = 1, attention_width: str = "keep", capture_method: str = "auto",
             progress: Optional[TextIO] = None, model_name: str = "", source: Optional[Dict[str, Any]] = None,
-            output: str = "auto") -> CompileResult:
+            output: str = "auto", budget: str = "flops", capacity: Optional[float] = None,
+            runtime: Optional[str] = None, latency: Optional[Any] = None) -> CompileResult:
     """Capture ``model`` and rewrite it with a Sparse-IFT transform at equal FLOPs.
 
     >>> import sift_compiler as sift, torch, torchvision
@@ -82,12 +84,25 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
     in it whenever that computes exactly what the graph computes (`native`), else the graph form
     with a note saying why; "native" raises `UserInputError` instead of falling back; "graph"
     always returns the `torch.fx.GraphModule`.
+
+    ``capacity`` sets the transform's size instead of the iso-FLOP formula (`CompileConfig`);
+    ``budget="latency"`` keeps the sparse layers at ``sparsity`` (not iso-FLOP) and, without a
+    ``capacity``, searches the largest one whose latency on ``runtime`` ("deepsparse" or
+    "onnxruntime") meets the dense model's (``latency``: a `latency.LatencyBudget`, e.g. the batch
+    size and the ratio allowed); ``result.latency`` then holds the measurements.
     """
     if output not in OUTPUTS:
         raise UserInputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    if budget == "latency" and capacity is None and transform != "none":
+        from .latency import compile_for_latency
+        options = dict(seed=seed, keep_dense=keep_dense, activation=activation, linear_norm=linear_norm,
+                       round_to=round_to, attention_width=attention_width, capture_method=capture_method,
+                       model_name=model_name, source=source, output=output)
+        return compile_for_latency(model, transform, sparsity, example_inputs, example_kwargs, runtime, latency,
+                                   options, log=progress)
     config = CompileConfig(transform=transform, sparsity=sparsity, seed=seed, keep_dense=tuple(keep_dense),
                            activation=activation, linear_norm=linear_norm, round_to=round_to,
-                           attention_width=attention_width)
+                           attention_width=attention_width, capacity=capacity, budget=budget)
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     timing = TimingInstrument()
     captured = capture(model, args, kwargs, method=capture_method)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Tuple
+from typing import Optional, Tuple
 
 from .errors import UserInputError
 
 TRANSFORMS = ("none", "parallel", "factorized", "doped", "wide")
+BUDGETS = ("flops", "latency")
 ACTIVATIONS = ("auto", "relu", "gelu", "silu")
 
 
@@ -17,6 +18,19 @@ class CompileConfig:
 
     ``sparsity`` is the requested s of the paper; the sparse layers end up at the compensated
     s' that makes the model iso-FLOP (reported as ``effective_sparsity``).
+
+    ``capacity`` sets the size of the transform instead of the iso-FLOP formula (None: the formula):
+
+    ============  ==========================================================================
+    wide          the width factor k itself (iso-FLOP: sqrt(1/(1-s)))
+    parallel      the branch count B, rounded to an integer (iso-FLOP: round(1/(1-s)))
+    factorized    the hidden width h as a multiple of its iso-FLOP value (1.0: the formula)
+    doped         the rank r as a multiple of its iso-FLOP value (1.0: the formula)
+    ============  ==========================================================================
+
+    ``budget``: "flops" (the paper: the compensation makes the model iso-FLOP) or "latency" (the
+    sparse layers stay at s, no compensation, no iso-FLOP check; `sift_compiler.latency` searches
+    the capacity whose measured latency meets the dense model's).
     """
 
     transform: str = "none"
@@ -28,6 +42,8 @@ class CompileConfig:
     flop_tolerance: float = 0.005     # |sift/dense - 1| allowed by the iso-FLOP check
     round_to: int = 1                 # Sparse Wide: channel multiple
     attention_width: str = "keep"     # Sparse Wide on attention: keep heads x head_dim, or scale
+    capacity: Optional[float] = None  # the transform's size, overriding the iso-FLOP formula (see above)
+    budget: str = "flops"             # "flops": iso-FLOP compensation; "latency": sparse layers stay at s
     extra: Tuple[Tuple[str, object], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -40,6 +56,11 @@ class CompileConfig:
             raise UserInputError(f"round_to must be a positive integer, got {self.round_to}")
         if self.attention_width not in ("keep", "scale"):
             raise UserInputError(f"attention_width must be 'keep' or 'scale', got {self.attention_width!r}")
+        if self.capacity is not None and not (isinstance(self.capacity, (int, float)) and self.capacity > 0
+                                              and math.isfinite(self.capacity)):
+            raise UserInputError(f"capacity must be a positive number, got {self.capacity!r}")
+        if self.budget not in BUDGETS:
+            raise UserInputError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if not 0 < self.flop_tolerance < 1:
             raise UserInputError(f"flop_tolerance must lie in (0, 1), got {self.flop_tolerance}")
 

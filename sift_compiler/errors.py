@@ -60,6 +60,12 @@ class ExportError(SiftError):
     """ONNX export or its verification failed."""
 
 
+class VerificationFailed(ExportError):
+    """An exported file failed a check and was not written: the CLIs exit 1 (a failed check), not 2."""
+
+    exit_status = 1
+
+
 def describe_node(node: fx.Node) -> str:
     """`'layer1.0.conv1' (call_module Conv2d)` plus the user's source line when FX kept it."""
     what = node.op

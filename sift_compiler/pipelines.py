@@ -59,19 +59,19 @@ def dense_baseline_pipeline(config: CompileConfig) -> List[Pass]:
 
 @register_pipeline("sparse-parallel")
 def sparse_parallel_pipeline(config: CompileConfig) -> List[Pass]:
-    return [SparseParallelPass(config.sparsity, defer_init=True), *_finish()]
+    return [SparseParallelPass(config.sparsity, defer_init=True, capacity=config.capacity), *_finish()]
 
 
 @register_pipeline("sparse-factorized")
 def sparse_factorized_pipeline(config: CompileConfig) -> List[Pass]:
-    return [SparseFactorizedPass(config.sparsity, defer_init=True), *_finish()]
+    return [SparseFactorizedPass(config.sparsity, defer_init=True, capacity=config.capacity), *_finish()]
 
 
 @register_pipeline("sparse-doped")
 def sparse_doped_pipeline(config: CompileConfig) -> List[Pass]:
-    return [SparseDopedPass(config.sparsity, defer_init=True), *_finish()]
+    return [SparseDopedPass(config.sparsity, defer_init=True, capacity=config.capacity), *_finish()]
 
 
 @register_pipeline("sparse-wide")
 def sparse_wide_pipeline(config: CompileConfig) -> List[Pass]:
-    return [SparseWidePass(config.sparsity, config.round_to, defer_init=True), *_finish()]
+    return [SparseWidePass(config.sparsity, config.round_to, defer_init=True, factor=config.capacity), *_finish()]

@@ -50,6 +50,8 @@ class FlopReport:
     capture: str = ""
     notes: List[str] = field(default_factory=list)
     uncounted_ops: List[str] = field(default_factory=list)
+    budget: str = "flops"             # "latency": sized by measured latency, not iso-FLOP (sift_compiler.latency)
+    capacity: Optional[float] = None  # the transform's size when set instead of the iso-FLOP formula
 
     @property
     def flop_ratio(self) -> float:
@@ -71,7 +73,9 @@ class FlopReport:
     def table(self, max_layers: Optional[int] = None) -> str:
         """A fixed-width table: one row per weight layer, then totals by category."""
         head = (f"model {self.model or '?'} | transform {self.transform} | s = {self.sparsity:g}"
-                + (f" (compensated s' = {self.effective_sparsity:.4f})" if self.effective_sparsity is not None else "")
+                + (f" (budget latency{'' if self.capacity is None else f', capacity {self.capacity:g}'})"
+                   if self.budget == "latency" else
+                   f" (compensated s' = {self.effective_sparsity:.4f})" if self.effective_sparsity is not None else "")
                 + f" | input {','.join(map(str, self.input_shape))} {self.input_dtype} | capture {self.capture}")
         width = max([len("layer")] + [len(layer.name) for layer in self.layers])
         kind_width = max([len("kind")] + [len(layer.kind) for layer in self.layers])
@@ -92,7 +96,10 @@ class FlopReport:
                 rows.append(f"{category:<22}{_fmt(dense):>14}{_fmt(sift):>14}{_ratio(sift, dense):>9}")
         rows.append(f"{'all ops':<22}{_fmt(self.total_dense_flops):>14}{_fmt(self.total_sift_flops):>14}"
                      f"{_ratio(self.total_sift_flops, self.total_dense_flops):>9}")
-        rows.append(f"iso-FLOP ratio (weight layers, sift/dense): {self.flop_ratio:.4f}")
+        if self.budget == "latency":
+            rows.append(f"FLOP ratio (weight layers, sift/dense; budget latency, not iso-FLOP): {self.flop_ratio:.4f}")
+        else:
+            rows.append(f"iso-FLOP ratio (weight layers, sift/dense): {self.flop_ratio:.4f}")
         rows += [f"note: {n}" for n in self.notes]
         if self.uncounted_ops:
             rows.append(f"note: ops not counted (no FLOP rule): {', '.join(self.uncounted_ops)}")
@@ -150,7 +157,8 @@ def build_report(unit, baseline_layers: LayerTable, final: FlopCounts, model: st
         total_sift_flops=final.total(effective=True),
         categories={"dense": baseline.by_category(), "sift": final.by_category()}, layers=layers,
         input_shape=list(_input_shape(unit)), input_dtype=_input_dtype(unit), model=model, capture=capture,
-        notes=list(unit.notes), uncounted_ops=list(final.uncounted))
+        notes=list(unit.notes), uncounted_ops=list(final.uncounted), budget=unit.config.budget,
+        capacity=unit.config.capacity)
 
 
 def _input_shape(unit):

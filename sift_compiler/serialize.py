@@ -121,6 +121,7 @@ def _compile_from_plan(plan: Dict[str, Any], dense: nn.Module):
     return compile(dense, config.transform, config.sparsity, tuple(args), kwargs, seed=config.seed,
                    keep_dense=config.keep_dense, activation=config.activation, linear_norm=config.linear_norm,
                    round_to=config.round_to, attention_width=config.attention_width,
+                   capacity=config.capacity, budget=config.budget,
                    capture_method=plan.get("capture_method", "auto"), source=plan.get("source"),
                    output=plan.get("output", "graph"))
 

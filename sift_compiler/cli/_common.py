@@ -1,7 +1,8 @@
 """What every sift CLI shares: error handling, exit codes, and output bookkeeping.
 
-Exit codes: 0 success; 1 a check failed (sift-check) or an internal error; 2 bad input (any
-`SiftError`), with one line on stderr. ``--verbose`` adds the traceback.
+Exit codes: 0 success; 1 a check failed (sift-check, an export that fails verification:
+`VerificationFailed`, a file written but not for DeepSparse) or an internal error; 2 bad input
+(any other `SiftError`), with one line on stderr. ``--verbose`` adds the traceback.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def run_main(prog: str, body: Callable[[argparse.Namespace], int], parser: argpa
         if getattr(args, "verbose", False):
             traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

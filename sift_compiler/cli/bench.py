@@ -1,5 +1,8 @@
 """sift-bench: latency and throughput of ONNX models on DeepSparse and onnxruntime, side by side.
 
+Exit 0 when every model ran on every engine; 1 when some could not (a DeepSparse abort, a file the
+exporter marked not for DeepSparse: its row says FAILED and why, the others are timed); 2 on bad input.
+
     sift-bench r18-dense.onnx r18-parallel-0.90.onnx --batch-size 64 --plot fig3.png
     sift-bench torchvision:resnet18 --transform parallel --sparsity 0.5,0.75,0.9 --batch-size 16
 
@@ -150,7 +153,10 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from ..exporters.plot import plot_latency
         plot_latency(results, args.plot, f"batch {args.batch_size}, {args.num_cores or os.cpu_count()} cores")
         print(f"sift-bench: wrote {args.plot}", file=sys.stderr)
-    return 0
+    failed = [r for r in results if r.failed]
+    if failed:
+        print(f"sift-bench: {len(failed)} of {len(results)} runs failed (marked FAILED above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _notes(results) -> List[str]:

@@ -36,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 'auto'; the report says why when it is the graph)")
     p.add_argument("--onnx", help="write masked ONNX here (exact zeros, opset --opset)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 to 17 (default 17)")
-    p.add_argument("--no-deepsparse-check", action="store_true",
-                   help="do not compile the ONNX file in DeepSparse nor compare it with onnxruntime")
+    p.add_argument("--deepsparse", choices=("auto", "require", "skip"), default="auto",
+                   help="DeepSparse checks of the ONNX file: auto (default: run them where DeepSparse is installed; "
+                        "a file only DeepSparse fails is written, marked not for DeepSparse, exit 1), require (such "
+                        "a file, or no DeepSparse, is a failure and nothing is written), skip")
+    p.add_argument("--no-deepsparse-check", action="store_true", help="the same as --deepsparse skip")
     p.add_argument("--report", help="write the FLOP report as JSON here")
     p.add_argument("--keep-dense", nargs="+", default=[], metavar="PATTERN",
                    help="keep layers dense whose name or type matches these glob patterns (e.g. 'layer4.*' Linear)")
@@ -52,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=1, help="Sparse Wide: round widened channels to this multiple")
     p.add_argument("--attention-width", choices=("keep", "scale"), default="keep",
                    help="Sparse Wide on attention: keep heads x head_dim (paper), or scale it with d_model")
+    p.add_argument("--capacity", type=float, default=None,
+                   help="the transform's size instead of the iso-FLOP formula: wide k, parallel branches B, "
+                        "factorized h and doped r as multiples of their iso-FLOP values")
+    p.add_argument("--budget", choices=("flops", "latency"), default="flops",
+                   help="flops (default): iso-FLOP, as the paper; latency: sparse layers stay at s and the largest "
+                        "capacity whose latency on --runtime meets the dense model's is searched (measured here)")
+    p.add_argument("--runtime", choices=("deepsparse", "onnxruntime"), default="deepsparse",
+                   help="--budget latency: the runtime to measure on (default deepsparse)")
+    p.add_argument("--batch-size", type=int, default=1, help="--budget latency: batch size measured (default 1)")
+    p.add_argument("--latency-ratio", type=float, default=1.0,
+                   help="--budget latency: latency allowed, as a multiple of the dense model's (default 1.0)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="--budget latency: interleaved rounds (dense, candidate) per measurement (default 5)")
     p.add_argument("--max-layers", type=int, default=None, help="print at most this many layer rows")
     p.add_argument("--quiet", "-q", action="store_true", help="print no report")
     p.add_argument("--verbose", "-v", action="store_true", help="log details and show tracebacks")
@@ -59,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> float:
+    if args.budget == "latency" and args.transform == "none":
+        parser.error("--budget latency sizes a Sparse-IFT transform: pass --transform wide|parallel|factorized|doped")
+    if args.batch_size < 1 or args.rounds < 1 or args.latency_ratio <= 0:
+        parser.error("--batch-size and --rounds must be at least 1, --latency-ratio positive")
     if args.transform == "none":
         return 0.0
     if args.sparsity is None:
@@ -71,6 +91,9 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..capture.sources import load_model, parse_dtype, parse_input_shape
     from ..io import check_writable, write_text
     sparsity = _validate(args, parser)
+    if args.budget == "latency" and args.capacity is None:
+        from ..latency import check_runtime
+        check_runtime(args.runtime)  # exit 2, before anything slow, on a machine without it
     for path, what in ((args.output, "model file"), (args.onnx, "ONNX file"), (args.report, "report")):
         if path:
             check_writable(path, what)
@@ -81,36 +104,50 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     torch.manual_seed(args.seed)  # random-weight models are reproducible (sift-check --against SPEC)
     source = load_model(args.model, shape, dtype, trust_pickle=args.trust_pickle, weights=args.weights)
     print(f"sift-compile: compiling ({args.transform}, input {source.describe_input()})", file=sys.stderr, flush=True)
-    result = sift_compile(source.module, args.transform, sparsity, source.args, source.kwargs, seed=args.seed,
-                          keep_dense=args.keep_dense, activation=args.activation, linear_norm=args.linear_norm,
-                          round_to=args.round_to,
-                          attention_width=args.attention_width, progress=sys.stderr if args.verbose else None,
-                          model_name=args.model,
-                          source={"spec": args.model, "family": source.family, "weights": args.weights},
-                          output=args.output_form)
+    options = dict(seed=args.seed, keep_dense=args.keep_dense, activation=args.activation,
+                   linear_norm=args.linear_norm, round_to=args.round_to, attention_width=args.attention_width,
+                   progress=sys.stderr if args.verbose else None, model_name=args.model,
+                   source={"spec": args.model, "family": source.family, "weights": args.weights},
+                   output=args.output_form)
+
+    def compile_with(**changes):
+        return sift_compile(source.module, args.transform, sparsity, source.args, source.kwargs,
+                            **{**options, **changes})
+    options.update(budget=args.budget, capacity=args.capacity)
+    if args.budget == "latency" and args.capacity is None:
+        result = _search_latency(args, source, sparsity, options)
+        options["capacity"] = result.latency.capacity  # remedies recompile the chosen size
+    else:
+        result = compile_with()
     if not args.quiet:
         print(result.report.table(max_layers=args.max_layers))
+    outcome = "ok"
     with all_or_nothing() as written:
+        if args.onnx:
+            result, outcome = _write_onnx(result, source, args, written, compile_with)
         if args.report:
             write_text(args.report, result.report.to_json())
             written.append(args.report)
-        if args.onnx:
-            _write_onnx(result, source, args, written)
         if args.output:
             result.save(args.output)
             written.append(args.output)
     for path in written:
         print(f"sift-compile: wrote {path}", file=sys.stderr)
-    return 0
+    return 1 if outcome == "not-for-deepsparse" else 0
 
 
-def _write_onnx(result, source, args, written) -> None:
+def _write_onnx(result, source, args, written, compile_with):
+    """Export (the outcome policy: exporters/outcome.py); returns the model written and the outcome."""
     from ..errors import ExportError
-    from ..exporters.onnx import export_onnx
+    from ..exporters.outcome import export_with_compile_remedies
     from ..exporters.verify import onnxruntime_outputs
-    info = export_onnx(result.module, source.args, args.onnx, source.kwargs, opset=args.opset,
-                       deepsparse="skip" if args.no_deepsparse_check else "auto")
+    mode = "skip" if args.no_deepsparse_check else args.deepsparse
+    result, info, recompiled = export_with_compile_remedies(result, compile_with, source.args, args.onnx,
+                                                            source.kwargs, opset=args.opset, deepsparse=mode)
     written.append(args.onnx)
+    if recompiled and not args.quiet:
+        print(f"\nremedied: {recompiled}; the model written is this one:")
+        print(result.report.table(max_layers=args.max_layers))
     outputs = onnxruntime_outputs(args.onnx, info, source.args, source.kwargs)
     expected = [tuple(spec.shape) for spec in _leaves(result.unit.baseline_outputs)]
     actual = [tuple(o.shape) for o in outputs]
@@ -120,6 +157,24 @@ def _write_onnx(result, source, args, written) -> None:
         print(f"sift-compile: note: {note}", file=sys.stderr)
     if getattr(info, "verification", None) is not None and not args.quiet:
         print(info.verification.table())
+    if info.outcome == "not-for-deepsparse":
+        print(f"sift-compile: {args.onnx}: written for onnxruntime; DeepSparse must not run it: "
+              f"{info.deepsparse_reason}", file=sys.stderr)
+    return result, info.outcome
+
+
+def _search_latency(args, source, sparsity, options):
+    """--budget latency: measure, print the search, return the chosen model."""
+    from ..latency import LatencyBudget, compile_for_latency
+    print(f"sift-compile: searching the capacity whose latency on {args.runtime} (batch {args.batch_size}) is at "
+          f"most {args.latency_ratio:g}x the dense model's", file=sys.stderr, flush=True)
+    budget = LatencyBudget(batch_size=args.batch_size, ratio=args.latency_ratio, rounds=args.rounds)
+    search_options = {k: v for k, v in options.items() if k not in ("budget", "capacity", "progress")}
+    result = compile_for_latency(source.module, args.transform, sparsity, source.args, source.kwargs, args.runtime,
+                                 budget, search_options, log=sys.stderr)
+    if not args.quiet:
+        print(result.latency.table() + "\n")
+    return result
 
 
 def _leaves(tree):

@@ -20,9 +20,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import ExportError
 from .inputs import batch_of, input_specs, random_feeds
 from .runtimes import open_engine
-from .weights import META_EXPORT, get_metadata, load_onnx
+from .weights import META_EXPORT, get_metadata, load_onnx, not_for_deepsparse
 
 
 @dataclass
@@ -35,6 +36,7 @@ class BenchModel:
     sparsity: Optional[float] = None
     family: str = ""                # models of one family share a dense baseline ("resnet18")
     form: str = ""                  # the export form of Sparse Parallel layers, when it matters
+    not_for_deepsparse: str = ""    # why the exporter marked the file as not for DeepSparse (exporters/outcome.py)
 
 
 @dataclass
@@ -54,14 +56,19 @@ class BenchResult:
     fraction_of_supported_ops: Optional[float] = None
     engine_description: str = ""
     compile_s: float = 0.0
+    error: str = ""                 # why this engine could not time the model (the row is marked failed)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error)
 
     @property
     def median_ms(self) -> float:
-        return float(np.median(self.latencies_ms))
+        return float(np.median(self.latencies_ms)) if self.latencies_ms else float("nan")
 
     @property
     def p90_ms(self) -> float:
-        return float(np.percentile(self.latencies_ms, 90))
+        return float(np.percentile(self.latencies_ms, 90)) if self.latencies_ms else float("nan")
 
     @property
     def items_per_s(self) -> float:
@@ -88,7 +95,7 @@ def describe_file(path: str, label: Optional[str] = None, family: str = "") -> B
             transform = "none"  # no zeros to speak of: treat it as a dense model
     name = label or os.path.splitext(os.path.basename(path))[0]
     form = str(meta.get("form", "")) if transform == "parallel" else ""
-    return BenchModel(name, path, transform, sparsity, family, form)
+    return BenchModel(name, path, transform, sparsity, family, form, not_for_deepsparse(model) or "")
 
 
 def machine_description() -> Dict[str, object]:
@@ -109,27 +116,11 @@ def machine_description() -> Dict[str, object]:
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
-    from .runtimes import deepsparse_status
-    if deepsparse_status()[0]:
-        import deepsparse
-        info["deepsparse"] = deepsparse.__version__
+    from .runtimes import deepsparse_version
+    version = deepsparse_version()
+    if version:
+        info["deepsparse"] = version
     return info
-
-
-def time_engine(engine, feeds: Dict[str, np.ndarray], warmup: int, iterations: int, tick=None) -> List[float]:
-    """Per-batch latencies in ms of ``iterations`` runs after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        engine.run(feeds)
-        if tick:
-            tick()
-    latencies = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        engine.run(feeds)
-        latencies.append((time.perf_counter() - start) * 1000.0)
-        if tick:
-            tick()
-    return latencies
 
 
 def run_benchmarks(models: Sequence[BenchModel], engines: Sequence[str], batch_size: int, iterations: int = 10,
@@ -139,7 +130,9 @@ def run_benchmarks(models: Sequence[BenchModel], engines: Sequence[str], batch_s
 
     ``rounds`` > 1 repeats the whole sweep (models in turn, each engine compiled afresh) and pools
     each model's timings: on a shared machine, load that comes and goes then lands on every model
-    alike instead of on whichever model ran at the wrong minute.
+    alike instead of on whichever model ran at the wrong minute. A model an engine cannot compile or
+    run (a DeepSparse abort, say) gets a failed result with the reason and is not retried; the
+    others go on.
     """
     from tqdm import tqdm
     pooled: Dict[tuple, BenchResult] = {}
@@ -154,12 +147,18 @@ def run_benchmarks(models: Sequence[BenchModel], engines: Sequence[str], batch_s
                     bar.write(f"note: {model.label} has a fixed batch of {batch} (exported with static shapes); "
                               f"timed at batch {batch}", file=sys.stderr)
                 for name in engines:
+                    key = (model.label, model.path, name)
+                    if key in pooled and pooled[key].failed:
+                        bar.update(warmup + iterations)
+                        continue
                     bar.set_postfix_str(f"{model.label} on {name}")
                     result = _time_one(model, name, feeds, batch, num_cores, warmup, iterations,
                                        lambda: bar.update(1))
-                    key = (model.label, model.path, name)
+                    if result.failed:
+                        bar.write(f"sift-bench: {model.label} on {name}: FAILED: {result.error}", file=sys.stderr)
                     if key in pooled:
                         pooled[key].latencies_ms += result.latencies_ms
+                        pooled[key].error = result.error
                     else:
                         pooled[key] = result
     return list(pooled.values())
@@ -167,13 +166,22 @@ def run_benchmarks(models: Sequence[BenchModel], engines: Sequence[str], batch_s
 
 def _time_one(model: BenchModel, name: str, feeds, batch_size: int, num_cores: Optional[int], warmup: int,
               iterations: int, tick) -> BenchResult:
+    result = BenchResult(model.label, model.path, name, batch_size, num_cores, [], model.transform,
+                         model.sparsity, model.family, model.form)
+    if name == "deepsparse" and model.not_for_deepsparse:
+        result.error = f"the exporter marked the file not for DeepSparse: {model.not_for_deepsparse}"
+        return result
     start = time.perf_counter()
-    engine = open_engine(name, model.path, batch_size, num_cores, [list(v.shape) for v in feeds.values()])
-    compile_s = time.perf_counter() - start
-    latencies = time_engine(engine, feeds, warmup, iterations, tick)
-    return BenchResult(model.label, model.path, name, batch_size, num_cores, latencies, model.transform,
-                       model.sparsity, model.family, model.form, engine.fraction_of_supported_ops,
-                       engine.description, compile_s)
+    try:
+        with open_engine(name, model.path, batch_size, num_cores, [list(v.shape) for v in feeds.values()]) as engine:
+            result.compile_s = time.perf_counter() - start
+            result.fraction_of_supported_ops = engine.fraction_of_supported_ops
+            result.engine_description = engine.description
+            result.latencies_ms = engine.time(feeds, warmup, iterations, tick)
+    except ExportError as e:  # the engine refused or died (EngineCrash): a failed row, not a failed run
+        result.error = str(e)
+        result.latencies_ms = []
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +191,7 @@ def _time_one(model: BenchModel, name: str, feeds, batch_size: int, num_cores: O
 def dense_latency(results: Sequence[BenchResult], family: str, engine: str) -> Optional[float]:
     """Median latency of the family's dense model on ``engine`` (None if there is none)."""
     for r in results:
-        if r.engine == engine and r.transform == "none" and r.family == family:
+        if r.engine == engine and r.transform == "none" and r.family == family and not r.failed:
             return r.median_ms
     return None
 
@@ -215,20 +223,22 @@ def results_table(results: Sequence[BenchResult]) -> str:
         row = [label, first.transform, _fmt(first.sparsity, ".2f")]
         for e in engines:
             r = per_engine.get(e)
-            if r is None:
-                row += ["-"] * 4
+            if r is None or r.failed:
+                row += ["FAILED" if r is not None else "-"] + ["-"] * 3
                 continue
             dense = dense_latency(results, r.family, e)
             row += [_fmt(r.median_ms, ".1f"), _fmt(r.p90_ms, ".1f"), _fmt(r.items_per_s, ".1f"),
                     _fmt(r.median_ms / dense if dense else None, ".2f")]
         if {"deepsparse", "onnxruntime"} <= set(engines):
             ds, ort = per_engine.get("deepsparse"), per_engine.get("onnxruntime")
+            ds, ort = (None if ds is None or ds.failed else ds), (None if ort is None or ort.failed else ort)
             row.append(_fmt(ort.median_ms / ds.median_ms if ds and ort else None, ".2f") + ("x" if ds and ort else ""))
         rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
+    lines += [f"FAILED: {r.label} on {r.engine}: {r.error}" for r in results if r.failed]
     return "\n".join(lines)
 
 

@@ -9,7 +9,10 @@
 ``onnxruntime-other-shape``    (when the file declares dynamic axes and torch outputs are given)
                                onnxruntime agrees with torch at one more sample in the batch (and
                                one token less, for token ids): no size was fixed at export
-``deepsparse-compiles``        DeepSparse compiles the file; reports its fraction of supported ops
+``deepsparse-allowed``         (files the exporter marked) fails: the exporter found that DeepSparse
+                               must not run the file, and says why (exporters/outcome.py)
+``deepsparse-compiles``        DeepSparse compiles the file (in a child process: an abort or a hang is
+                               a failed check with one line of reason); its fraction of supported ops
 ``deepsparse-supported-ops``   (when asked) that fraction is at least the minimum
 ``deepsparse-vs-onnxruntime``  DeepSparse's outputs agree with onnxruntime's. Runtimes have bugs:
                                DeepSparse 1.8 sums >= 9 convs of one input wrongly, so this runs
@@ -17,7 +20,8 @@
 =============================  ==================================================================
 
 Output agreement is ``max|a - b| / max|b| <= rtol``: the largest error relative to the output's
-scale, so one tolerance serves logits and features alike. Errors of runtime bugs are of the order
+scale (at least 1e-6: smaller outputs, e.g. of random-weight models whose activations vanish, are
+compared at that floor), so one tolerance serves logits and features alike. Errors of runtime bugs are of the order
 of the outputs; FP32 reordering gives about 1e-6.
 """
 from __future__ import annotations
@@ -25,14 +29,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import math
+
 import numpy as np
 
 from ..errors import ExportError, SiftError, first_line
 from .runtimes import deepsparse_status, open_engine
-from .weights import LayerSparsity, load_onnx, layers_from_metadata, weight_arrays
+from .weights import LayerSparsity, load_onnx, layers_from_metadata, not_for_deepsparse, weight_arrays
 
 DEFAULT_RTOL = 1e-3
+SCALE_FLOOR = 1e-6
 OTHER_SHAPE_CHECK = "onnxruntime-other-shape"
+MARK_CHECK = "deepsparse-allowed"
 
 
 @dataclass
@@ -58,7 +66,10 @@ class OutputError:
 
     @property
     def rel(self) -> float:
-        return self.max_abs / self.scale if self.scale > 0 else (0.0 if self.max_abs == 0 else float("inf"))
+        # outputs below SCALE_FLOOR (random-weight models whose activations vanish) are float32 noise of
+        # O(1) intermediates: measured against the floor, not against themselves
+        scale = max(self.scale, SCALE_FLOOR)
+        return self.max_abs / scale if math.isfinite(self.max_abs) else float("inf")
 
     def describe(self) -> str:
         return f"max abs error {self.max_abs:.3g}, relative {self.rel:.3g} (output scale {self.scale:.3g})"
@@ -203,21 +214,23 @@ def _deepsparse_checks(path: str, feeds, ort_outputs, rtol: float, min_supported
     batch = next(iter(feeds.values())).shape[0] if feeds else 1
     try:
         engine = open_engine("deepsparse", path, batch, num_cores, [list(v.shape) for v in feeds.values()])
-    except SiftError as e:
+    except SiftError as e:  # a refusal, or a native abort/hang in the worker (one line: exporters.runtimes)
         return [Check("deepsparse-compiles", False, str(e))]
-    fraction = engine.fraction_of_supported_ops
-    report.fraction_of_supported_ops = fraction
-    checks = [Check("deepsparse-compiles", True, f"fraction of supported ops {fraction:.4f} ({engine.description})")]
-    if min_supported_ops is not None:
-        checks.append(Check("deepsparse-supported-ops", fraction >= min_supported_ops - 1e-9,
-                            f"{fraction:.4f}, minimum {min_supported_ops:g}"))
-    if ort_outputs is None:
-        checks.append(Check("deepsparse-vs-onnxruntime", True, "onnxruntime did not run", skipped=True))
-        return checks
-    try:
-        outputs = engine.run(feeds)
-    except Exception as e:
-        return checks + [Check("deepsparse-vs-onnxruntime", False, f"DeepSparse failed to run: {type(e).__name__}: {e}")]
+    with engine:
+        fraction = engine.fraction_of_supported_ops
+        report.fraction_of_supported_ops = fraction
+        checks = [Check("deepsparse-compiles", True, f"fraction of supported ops {fraction:.4f} "
+                                                     f"({engine.description})")]
+        if min_supported_ops is not None:
+            checks.append(Check("deepsparse-supported-ops", fraction >= min_supported_ops - 1e-9,
+                                f"{fraction:.4f}, minimum {min_supported_ops:g}"))
+        if ort_outputs is None:
+            checks.append(Check("deepsparse-vs-onnxruntime", True, "onnxruntime did not run", skipped=True))
+            return checks
+        try:
+            outputs = engine.run(feeds)
+        except SiftError as e:
+            return checks + [Check("deepsparse-vs-onnxruntime", False, f"DeepSparse failed to run: {e}")]
     checks.append(_output_check("deepsparse-vs-onnxruntime", outputs, ort_outputs, rtol, report))
     return checks
 
@@ -231,7 +244,8 @@ def verify_onnx(path: str, feeds: Dict[str, np.ndarray], *, reference: Optional[
 
     ``feeds``: inputs by name; ``reference``: torch's outputs on them (enables onnxruntime-vs-torch);
     ``layers``/``missing``: the exporter's layer matching (default: the file's ``sift.layers``
-    metadata); ``deepsparse``: "auto" (skip when not installed), "require" or "skip";
+    metadata); ``deepsparse``: "auto" (skip when not installed), "require" or "skip" (which also
+    skips ``deepsparse-allowed``);
     ``other_shape``: (feeds, torch outputs) at another size of the file's dynamic axes.
 
     >>> report = verify_onnx("model.onnx", {"input": x})
@@ -245,6 +259,7 @@ def verify_onnx(path: str, feeds: Dict[str, np.ndarray], *, reference: Optional[
     report.layers = list(layers or [])
     report.weight_sparsity = overall_weight_sparsity(model)
     report.checks += sparsity_checks(layers, missing, model, min_sparsity)
+    marked = not_for_deepsparse(model)
     del model
     ort_outputs, session = None, None
     try:
@@ -267,6 +282,9 @@ def verify_onnx(path: str, feeds: Dict[str, np.ndarray], *, reference: Optional[
             check = _output_check(OTHER_SHAPE_CHECK, outputs, other_reference, rtol, report)
             report.checks.append(Check(check.name, check.ok, f"at {shapes}: {check.detail}"))
     del session
+    if marked is not None and deepsparse != "skip":
+        report.checks.append(Check(MARK_CHECK, False, f"the exporter found that DeepSparse must not run this file "
+                                                      f"(written for onnxruntime): {marked}"))
     if deepsparse != "skip":
         report.checks += _deepsparse_checks(path, feeds, ort_outputs, rtol, min_supported_ops, deepsparse, num_cores,
                                             report)

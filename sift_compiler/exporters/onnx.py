@@ -18,11 +18,14 @@
 5. writes the weights to one external ``<name>.data`` file when they pass 2 GB (protobuf's
    limit), or when ``external_data=True``;
 6. verifies the written file (`exporters.checks`: onnx checker, per-layer sparsity, onnxruntime
-   against torch, DeepSparse compiles it and agrees with onnxruntime) and, with ``strict``,
-   refuses to publish a file that fails. A ``form="auto"`` export keeps branches only where
-   DeepSparse verified them: if DeepSparse disagrees with onnxruntime, or cannot check the file,
-   it is written as ``stacked-conv``; a file whose dynamic axes fail at a second input shape
-   is written with the example's fixed shapes. Files appear whole, verified, or not at all.
+   against torch, DeepSparse, in its worker process, compiles it and agrees with onnxruntime) and
+   applies the outcome policy (`exporters.outcome`): each failed check the policy has a remedy for
+   (static shapes, ``stacked-conv`` for branches DeepSparse gets wrong, Doped Linears as one
+   matmul) is retried in one loop, the first attempt that verifies is published; a correct file
+   only DeepSparse fails is published marked not for DeepSparse (unless ``deepsparse="require"``);
+   anything else raises `VerificationFailed`. A ``form="auto"`` export keeps branches only where
+   DeepSparse verified them (it writes ``stacked-conv`` where DeepSparse cannot check). Files
+   appear whole, verified, or not at all.
 """
 from __future__ import annotations
 
@@ -41,14 +44,16 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..errors import ExportError, UserInputError, first_line
 from ..capture.tracer import graph_of
+from ..errors import ExportError, UserInputError, VerificationFailed, first_line
 from ..io import check_writable
 from ..sparsity.layers import iter_masked, plain_copy
 from ..unit import bind_placeholders
-from .checks import DEFAULT_RTOL, OTHER_SHAPE_CHECK, Verification, verify_onnx
+from .checks import DEFAULT_RTOL, Verification, verify_onnx
+from .doped_form import concat_doped_linears, count_doped_linears
 from .dynamic_shapes import UnsupportedSizeUse, has_symbolic_sizes, make_sizes_traceable, other_shape_inputs
 from .forms import DEFAULT_FORM, FORMS, SAFE_FORM, apply_form
+from .outcome import Attempt, deepsparse_checked, deepsparse_failure, mark_not_for_deepsparse, next_remedy
 from .inputs import inputs_metadata
 from .runtimes import deepsparse_status
 from .weights import (META_EXPORT, META_INPUTS, META_LAYERS, LayerSparsity, layer_patterns, layers_to_metadata,
@@ -74,6 +79,8 @@ class ExportInfo:
     data_path: Optional[str] = None                 # the external data file, if any
     layers: List[LayerSparsity] = field(default_factory=list)
     verification: Optional[Verification] = None
+    outcome: str = "unchecked"                      # exporters.outcome.OUTCOMES, or "failed" (strict=False)
+    deepsparse_reason: str = ""                     # why DeepSparse must not run the file (not-for-deepsparse)
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -208,20 +215,28 @@ class _Prepared:
     branch_groups: List[str]
     stacked_groups: List[str]
     other_shape: Optional[Tuple[Dict[str, np.ndarray], List[np.ndarray]]] = None  # (feeds, torch outputs)
+    doped_linears: int = 0          # Sparse Doped Linears written as trained (what the concat remedy changes)
 
 
-def _prepare(module: nn.Module, args: tuple, kwargs: dict, form: str, dynamic_batch: bool,
+def _prepare(module: nn.Module, args: tuple, kwargs: dict, settings: Dict[str, Any],
              input_names: Optional[Sequence[str]], verify: bool) -> _Prepared:
-    """Apply the export form, bake masks, name inputs and outputs, and run torch for the reference."""
+    """Apply the export forms, bake masks, name inputs and outputs, and run torch for the reference."""
+    form, dynamic_batch = settings["form"], settings["dynamic_batch"]
     notes: List[str] = []
     graph = graph_of(module, args, kwargs)  # a native model (its own class) is read back as its graph
-    formed, branch_groups, stacked_groups = graph, [], []
+    formed, branch_groups, stacked_groups, doped_linears = graph, [], [], 0
     if isinstance(graph, fx.GraphModule) and form != "branches":
         result = apply_form(graph, form)
         formed, branch_groups, stacked_groups = result.module, result.branch_groups, result.rewritten
         notes += result.notes
+    if isinstance(formed, fx.GraphModule):
+        if settings["doped"] == "concat":
+            formed, done = concat_doped_linears(formed)
+            notes += [f"{name}: Sparse Doped Linear written as one matmul over [x, U x]" for name in done]
+        else:
+            doped_linears = count_doped_linears(formed)
     patterns = layer_patterns(formed)
-    baked = bake_masks(formed, inplace=formed is not module).eval()  # apply_form copied; graph_of made a new graph
+    baked = bake_masks(formed, inplace=formed is not module).eval()  # the forms copied; graph_of made a new graph
     del graph
     del formed
     if dynamic_batch and has_symbolic_sizes(baked):
@@ -256,7 +271,7 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, form: str, dynamic_ba
             other_shape = ({n: x.detach().cpu().numpy() for n, x in zip(names, other_inputs)}, other_reference)
     axes = _dynamic_axes(names, inputs, output_names, outputs) if dynamic_batch else {}
     return _Prepared(baked, inputs, names, output_names, axes, patterns, reference, notes, branch_groups,
-                     stacked_groups, other_shape)
+                     stacked_groups, other_shape, doped_linears)
 
 
 def _shapes(tree) -> str:
@@ -297,87 +312,145 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwarg
 
     ``form``: how Sparse Parallel layers are written (`exporters.forms.FORMS`); ``external_data``:
     None decides by size; ``verify``: run the checks of `exporters.checks` on the file before it
-    is published; ``strict``: raise `ExportError` (and write nothing) when one fails, else return
-    the failures in ``info.verification``; ``deepsparse``: "auto", "require" or "skip".
+    is published; ``deepsparse``: "auto", "require" or "skip". What happens when a check fails is
+    the outcome policy (`exporters.outcome`): remedies are tried; a file only DeepSparse fails is
+    written and marked (``info.outcome == "not-for-deepsparse"``) unless ``deepsparse="require"``;
+    otherwise, with ``strict``, `VerificationFailed` is raised and nothing is written (without
+    ``strict`` the file is written and the failures are in ``info.verification``).
 
     >>> info = sift.export_onnx(result.module, (x,), "model.sift.onnx")
-    >>> print(info.verification.table())
+    >>> print(info.outcome, info.verification.table())
     """
     if opset not in SUPPORTED_OPSETS:
         raise UserInputError(f"opset {opset} is not supported: use 13 to 17 (DeepSparse 1.8 loads <= 19, "
                              "the TorchScript exporter is reliable up to 17)")
     if form not in FORMS:
         raise UserInputError(f"unknown export form {form!r}: choose one of {', '.join(FORMS)}")
+    if deepsparse not in ("auto", "require", "skip"):
+        raise UserInputError(f"deepsparse must be 'auto', 'require' or 'skip', got {deepsparse!r}")
     check_writable(path, "ONNX file")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
     unchecked = _why_deepsparse_cannot_check(verify, deepsparse) if form == "auto" else ""
     if unchecked:  # branches nobody can verify on DeepSparse here are not shipped: use the form with no bug to meet
         form = SAFE_FORM
-    prep = _prepare(module, args, dict(example_kwargs or {}), form, dynamic_batch, input_names, verify)
-    if unchecked and prep.stacked_groups:
-        prep.notes.insert(0, f"form auto: {len(prep.stacked_groups)} Sparse Parallel layers written as {SAFE_FORM}, "
-                             f"not as branches, because DeepSparse cannot verify the branch form here ({unchecked})")
-    settings = {"opset": opset, "fold_batch_norm": fold_batch_norm, "external_data": external_data,
-                "metadata": _export_metadata(module, form, opset)}
+    common = {"opset": opset, "fold_batch_norm": fold_batch_norm, "external_data": external_data, "verify": verify,
+              "rtol": rtol, "deepsparse": deepsparse, "min_supported_ops": min_supported_ops,
+              "input_names": input_names}
+    settings = {"form": form, "dynamic_batch": dynamic_batch, "doped": "trained"}
+    directory = os.path.dirname(os.path.abspath(path))
+    attempts: List[_Staged] = []
+    notes: List[str] = []      # notes[i]: why attempt i + 1 was made
+    applied: List[str] = []    # remedies applied so far, in order
+    try:
+        while True:
+            staged = _export_attempt(module, args, dict(example_kwargs or {}), path, settings, common)
+            attempts.append(staged)
+            if len(attempts) == 1 and unchecked and staged.stacked_groups:
+                staged.info.notes.insert(0, f"form auto: {len(staged.stacked_groups)} Sparse Parallel layers "
+                                            f"written as {SAFE_FORM}, not as branches, because DeepSparse cannot "
+                                            f"verify the branch form here ({unchecked})")
+            if not verify or staged.info.verification.ok:
+                break
+            staged.attempt.remedies = list(applied)
+            remedy = next_remedy(staged.attempt)
+            if remedy is None:
+                break
+            notes.append(remedy.note)
+            applied.append(remedy.name)
+            settings = {**settings, **remedy.changes}
+        chosen = _choose(attempts, path, strict, deepsparse)
+        chosen.info.notes[:0] = notes[:attempts.index(chosen)]
+        if chosen.info.outcome == "not-for-deepsparse":
+            mark_not_for_deepsparse(chosen.model_path, chosen.info.deepsparse_reason)
+        _publish(([chosen.data_path] if chosen.data_path else []) + [chosen.model_path], directory)
+    finally:
+        for staged in attempts:
+            shutil.rmtree(staged.stage, ignore_errors=True)
+    return chosen.info
+
+
+@dataclass
+class _Staged:
+    """One export attempt, written into its own staging folder and verified there."""
+
+    stage: str
+    model_path: str
+    data_path: Optional[str]
+    info: ExportInfo
+    attempt: Attempt
+    stacked_groups: List[str]
+
+
+def _export_attempt(module: nn.Module, args: tuple, kwargs: dict, path: str, settings: Dict[str, Any],
+                    common: Dict[str, Any]) -> _Staged:
+    """Prepare, write and verify one export with ``settings`` (form, dynamic_batch, doped) in a staging folder."""
+    verify = common["verify"]
+    prep = _prepare(module, args, kwargs, settings, common["input_names"], verify)
+    metadata = _export_metadata(module, settings["form"], common["opset"])
+    if settings["doped"] != "trained":
+        metadata["doped"] = settings["doped"]
+    if not settings["dynamic_batch"]:
+        metadata["static_shapes"] = True
+    written = {"opset": common["opset"], "fold_batch_norm": common["fold_batch_norm"],
+               "external_data": common["external_data"], "metadata": metadata}
     directory = os.path.dirname(os.path.abspath(path))
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    retry: Optional[Tuple[Dict[str, Any], str]] = None  # (export_onnx arguments to change, note)
     try:
-        staged_model, staged_data, layers, missing, ir_version = _write_staged(
-            prep, stage, os.path.basename(path), settings)
-        data_path = os.path.join(directory, os.path.basename(staged_data)) if staged_data else None
-        info = ExportInfo(path, opset, ir_version, prep.names, prep.output_names, prep.notes, form, data_path, layers)
-        if verify:
-            feeds = {n: x.detach().cpu().numpy() for n, x in zip(prep.names, prep.inputs)}
-            info.verification = verify_onnx(staged_model, feeds, reference=prep.reference, layers=layers,
-                                            missing=missing, rtol=rtol, deepsparse=deepsparse,
-                                            min_supported_ops=min_supported_ops, other_shape=prep.other_shape)
-            info.verification.path = path
-            retry = _retry_for(info.verification, form, prep)
-            if retry is None and strict and not info.verification.ok:
-                failures = info.verification.failures()
-                hint = ""
-                if any("deepsparse-vs-onnxruntime" in f for f in failures):
-                    hint = (" (DeepSparse computes this graph differently from onnxruntime: a runtime bug, see "
-                            "docs/deployment.md; for Sparse Wide try --round-to 8, or export for onnxruntime "
-                            "only with --no-deepsparse-check)")
-                error = ExportError(f"{path}: the exported file fails verification, not written: "
-                                    + "; ".join(failures) + hint)
-                error.verification = info.verification
-                raise error
-        if retry is None:
-            _publish(([staged_data] if staged_data else []) + [staged_model], directory)
-    finally:
+        model_path, data_path, layers, missing, ir_version = _write_staged(prep, stage, os.path.basename(path),
+                                                                           written)
+    except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-    if retry is not None:
-        arguments = dict(opset=opset, dynamic_batch=dynamic_batch, input_names=input_names,
-                         fold_batch_norm=fold_batch_norm, form=form, external_data=external_data, verify=verify,
-                         strict=strict, rtol=rtol, deepsparse=deepsparse, min_supported_ops=min_supported_ops)
-        changes, note = retry
-        again = export_onnx(module, example_inputs, path, example_kwargs, **{**arguments, **changes})
-        again.notes.insert(0, note)
-        return again
-    return info
+        raise
+    final_data = os.path.join(directory, os.path.basename(data_path)) if data_path else None
+    info = ExportInfo(path, common["opset"], ir_version, prep.names, prep.output_names, prep.notes,
+                      settings["form"], final_data, layers)
+    if verify:
+        feeds = {n: x.detach().cpu().numpy() for n, x in zip(prep.names, prep.inputs)}
+        info.verification = verify_onnx(model_path, feeds, reference=prep.reference, layers=layers,
+                                        missing=missing, rtol=common["rtol"], deepsparse=common["deepsparse"],
+                                        min_supported_ops=common["min_supported_ops"], other_shape=prep.other_shape)
+        info.verification.path = path
+        for check in info.verification.checks:  # messages name the file the user asked for, not the staged copy
+            check.detail = check.detail.replace(model_path, path)
+    attempt = Attempt(dict(settings), info.verification, prep.branch_groups, prep.doped_linears,
+                      _shapes(prep.inputs))
+    return _Staged(stage, model_path, data_path, info, attempt, prep.stacked_groups)
 
 
-def _retry_for(verification: Verification, form: str, prep: _Prepared) -> Optional[Tuple[Dict[str, Any], str]]:
-    """The export to try instead of publishing this one, with the note that says why (None: publish)."""
-    if form == "auto" and prep.branch_groups and _failed(verification, "deepsparse-vs-onnxruntime"):
-        # a runtime bug on the activated-branch form: the stacked form has no sum of layers to get wrong
-        error = verification.errors["deepsparse-vs-onnxruntime"]
-        return {"form": SAFE_FORM}, (f"DeepSparse disagreed with onnxruntime on the branch form of "
-                                     f"{len(prep.branch_groups)} Sparse Parallel layers ({error.describe()}): "
-                                     f"exported as {SAFE_FORM} instead")
-    if _failed(verification, OTHER_SHAPE_CHECK):
-        # the graph fixes a size somewhere (a hard-coded view, say): a file that runs only at the example's shape
-        detail = next(c.detail for c in verification.checks if c.name == OTHER_SHAPE_CHECK)
-        return {"dynamic_batch": False}, (f"static input shapes {_shapes(prep.inputs)}: the file did not run "
-                                          f"correctly at another batch size or sequence length ({detail})")
-    return None
+def _choose(attempts: List[_Staged], path: str, strict: bool, deepsparse: str) -> _Staged:
+    """The attempt to publish, with its outcome set; `VerificationFailed` when none may be published."""
+    last = attempts[-1]
+    if last.info.verification is None or last.info.verification.ok:
+        checked = deepsparse_checked(last.info.verification)
+        last.info.outcome = ("remedied" if len(attempts) > 1 else "ok") if checked else "unchecked"
+        return last
+    # no attempt verified: the first correct one (only DeepSparse failed) is the file to write
+    correct = next((a for a in attempts if deepsparse_failure(a.info.verification) is not None), None)
+    if correct is not None and deepsparse != "require":
+        correct.info.outcome = "not-for-deepsparse"
+        correct.info.deepsparse_reason = deepsparse_failure(correct.info.verification)
+        return correct
+    if not strict:
+        chosen = correct or attempts[0]
+        chosen.info.outcome = "failed"
+        return chosen
+    failures = last.info.verification.failures()
+    tried = [a.attempt.settings for a in attempts[1:]]
+    hint = ""
+    if correct is not None:
+        hint = (" (only DeepSparse's checks fail: the file is correct for onnxruntime; without --deepsparse require "
+                "it is written and marked not for DeepSparse)")
+    if tried:
+        hint += f"; remedies tried: {', '.join(_describe(s) for s in tried)}"
+    error = VerificationFailed(f"{path}: the exported file fails verification, not written: "
+                               + "; ".join(failures) + hint)
+    error.verification = last.info.verification
+    raise error
 
 
-def _failed(verification: Verification, check: str) -> bool:
-    return any(c.name == check and not (c.ok or c.skipped) for c in verification.checks)
+def _describe(settings: Dict[str, Any]) -> str:
+    return f"form {settings['form']}" + ("" if settings["dynamic_batch"] else ", static shapes") + \
+        ("" if settings["doped"] == "trained" else f", doped {settings['doped']}")
 
 
 def _why_deepsparse_cannot_check(verify: bool, deepsparse: str) -> str:

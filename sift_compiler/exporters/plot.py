@@ -25,6 +25,8 @@ def plot_latency(results: Sequence[BenchResult], path: str, title: str = "") -> 
     series: Dict[Tuple[str, str, str], List[Tuple[float, float]]] = {}  # (family, transform [form], engine)
     dense: Dict[Tuple[str, str], float] = {}
     for r in results:
+        if getattr(r, "failed", False):
+            continue
         if r.transform == "none":
             dense[(r.family, r.engine)] = r.median_ms
         elif r.sparsity is not None:

@@ -1,24 +1,31 @@
 """The two inference engines sift checks and times ONNX files on: onnxruntime and DeepSparse.
 
 ``open_engine("deepsparse", path, batch_size=16)`` compiles the file and returns an `Engine`
-whose ``run(feeds)`` takes ``{input name: array}`` and returns the outputs in order. DeepSparse
-is an optional dependency (``pip install 'sift-compiler[deepsparse]'``; Python < 3.12, Linux
-x86-64 or ARM): `deepsparse_status` says whether it can be used here and, if not, why and how to
-install it. Its product analytics are switched off before it is imported.
+whose ``run(feeds)`` takes ``{input name: array}`` and returns the outputs in order, and whose
+``time(feeds, warmup, iterations)`` returns per-batch latencies. DeepSparse always runs in a
+child process (`deepsparse_worker`): a native abort, a hang or an out-of-memory kill there
+raises `EngineCrash` with one line of reason and leaves this process as it was; timing loops
+run inside the child. Close engines (``with open_engine(...) as engine``) to end the child.
+
+DeepSparse is an optional dependency (``pip install 'sift-compiler[deepsparse]'``; Python < 3.12,
+Linux x86-64 or ARM): `deepsparse_status` says whether it can be used here and, if not, why and
+how to install it; it is never imported in this process. Its product analytics are switched off.
 """
 from __future__ import annotations
 
-import contextlib
+import functools
+import importlib.util
 import os
 import platform
 import sys
-import tempfile
+import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import ExportError, UserInputError, first_line
+from .deepsparse_worker import DEFAULT_TIMEOUT_S, DeepSparseWorker, WorkerCrash, WorkerError
 
 ENGINES = ("deepsparse", "onnxruntime")
 DEEPSPARSE_INSTALL = ("pip install 'sift-compiler[deepsparse]' (DeepSparse 1.8.0: CPython 3.8-3.11 on Linux "
@@ -27,17 +34,70 @@ DEEPSPARSE_INSTALL = ("pip install 'sift-compiler[deepsparse]' (DeepSparse 1.8.0
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # before any import of deepsparse or sparsezoo
 
 
+class EngineCrash(ExportError):
+    """The DeepSparse child died or hung (native abort, signal, time limit); the message is one line."""
+
+
 def deepsparse_status() -> Tuple[bool, str]:
-    """(usable, reason): can DeepSparse be imported on this machine? ``reason`` says why not."""
+    """(usable, reason): can DeepSparse be used on this machine? ``reason`` says why not.
+
+    Asked of a child process once per process (an import that aborts must not take this one).
+    """
     if sys.version_info >= (3, 12):
         return False, f"DeepSparse needs Python < 3.12 (this is {platform.python_version()})"
     try:
-        import deepsparse  # noqa: F401
-    except ImportError as e:
-        return False, f"DeepSparse is not installed ({e}); install it with: {DEEPSPARSE_INSTALL}"
-    except Exception as e:  # a broken install (wrong onnx/numpy pin) must not kill onnxruntime runs
-        return False, f"DeepSparse failed to import: {type(e).__name__}: {e}"
-    return True, ""
+        spec = importlib.util.find_spec("deepsparse")
+    except (ImportError, ValueError) as e:
+        spec, error = None, e
+    else:
+        error = "no module named 'deepsparse'"
+    if spec is None:
+        return False, f"DeepSparse is not installed ({error}); install it with: {DEEPSPARSE_INSTALL}"
+    version, reason = _probe()
+    return (True, "") if version else (False, reason)
+
+
+@functools.lru_cache(maxsize=1)
+def _probe() -> Tuple[str, str]:
+    """(DeepSparse version, "") or ("", why it does not import), asked of a worker."""
+    worker = _take_worker()
+    try:
+        version = worker.request("probe", timeout_s=120)["version"]
+    except WorkerError as e:  # a broken install (wrong onnx/numpy pin) must not kill onnxruntime runs
+        worker.close()
+        return "", f"DeepSparse failed to import: {e}"
+    _give_back(worker)
+    return version, ""
+
+
+_IDLE: List[DeepSparseWorker] = []   # at most one live worker waiting for the next file (imports once)
+
+
+def _take_worker() -> DeepSparseWorker:
+    while _IDLE:
+        worker = _IDLE.pop()
+        if worker.alive:
+            return worker
+        worker.close()
+    return DeepSparseWorker()
+
+
+def _give_back(worker: DeepSparseWorker) -> None:
+    """Drop the worker's engine and keep it for the next file, or end it (dead, or one is already waiting)."""
+    if worker.alive and not _IDLE:
+        try:
+            worker.request("release", timeout_s=60)
+        except WorkerError:
+            worker.close()
+            return
+        _IDLE.append(worker)
+    else:
+        worker.close()
+
+
+def deepsparse_version() -> Optional[str]:
+    """The installed DeepSparse's version, or None when it cannot be used here."""
+    return _probe()[0] if deepsparse_status()[0] else None
 
 
 @dataclass
@@ -48,15 +108,59 @@ class Engine:
     path: str
     batch_size: int
     num_cores: Optional[int]
-    impl: object
+    impl: object                 # an onnxruntime session, or the DeepSparse worker that holds the engine
     input_names: List[str]
     fraction_of_supported_ops: Optional[float] = None
     description: str = ""
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     def run(self, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
         if self.name == "onnxruntime":
             return self.impl.run(None, feeds)
-        return self.impl.run([np.ascontiguousarray(feeds[name]) for name in self.input_names], val_inp=False)
+        return self._ask("run", feeds=feeds)["outputs"]
+
+    def time(self, feeds: Dict[str, np.ndarray], warmup: int, iterations: int,
+             tick: Optional[Callable[[], None]] = None) -> List[float]:
+        """Per-batch latencies in ms of ``iterations`` runs after ``warmup`` untimed ones (in the engine's process)."""
+        if self.name != "onnxruntime":
+            latencies = self._ask("time", feeds=feeds, warmup=warmup, iterations=iterations)["latencies_ms"]
+            for _ in range(warmup + iterations):
+                if tick:
+                    tick()
+            return latencies
+        for _ in range(warmup):
+            self.run(feeds)
+            if tick:
+                tick()
+        latencies = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            self.run(feeds)
+            latencies.append((time.perf_counter() - start) * 1000.0)
+            if tick:
+                tick()
+        return latencies
+
+    def _ask(self, op: str, **arguments):
+        if self.impl is None:
+            raise ExportError(f"the DeepSparse engine of {self.path} was closed")
+        try:
+            return self.impl.request(op, timeout_s=self.timeout_s, **arguments)
+        except WorkerCrash as e:
+            raise EngineCrash(str(e)) from None
+        except WorkerError as e:
+            raise ExportError(f"DeepSparse failed to {op} {self.path}: {e}") from None
+
+    def close(self) -> None:
+        if isinstance(self.impl, DeepSparseWorker):
+            _give_back(self.impl)
+        self.impl = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _onnxruntime(path: str, num_cores: Optional[int]):
@@ -73,84 +177,36 @@ def _onnxruntime(path: str, num_cores: Optional[int]):
     return session, names, f"onnxruntime {ort.__version__} CPU"
 
 
-def _needs_fixed_shapes(path: str, batch_size: int, input_shapes) -> bool:
-    """Whether some input has a symbolic dim besides the batch, or a static one the shapes change."""
-    if not input_shapes:
-        return False
-    import onnx
-    model = onnx.load(path, load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in inits]
-    for value, shape in zip(inputs, input_shapes):
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) != len(shape):
-            return True
-        for axis, (dim, size) in enumerate(zip(dims, shape)):
-            fixed = dim.HasField("dim_value") and dim.dim_value > 0
-            if (fixed and dim.dim_value != size) or (not fixed and axis > 0):
-                return True
-            if not fixed and axis == 0 and size != batch_size:
-                return True
-    return False
-
-
-@contextlib.contextmanager
-def _private_static_copy(path: str, input_shapes) -> Iterator[str]:
-    """A temporary copy of ``path`` with every input dim fixed to ``input_shapes``.
-
-    DeepSparse's own ``input_shapes`` option REWRITES THE USER'S FILE in place (deepsparse 1.8,
-    ``override_onnx_input_shapes(inplace=True)``): sift must never let it touch the file it checks.
-    """
-    import onnx
-    model = onnx.load(path)
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in inits]
-    for value, shape in zip(inputs, input_shapes):
-        dims = value.type.tensor_type.shape.dim
-        for dim, size in zip(dims, shape):
-            dim.Clear()
-            dim.dim_value = int(size)
-    with tempfile.TemporaryDirectory(prefix="sift-ds-") as tmp:
-        target = os.path.join(tmp, "model.onnx")
-        large = model.ByteSize() > 2 ** 31 - 2 ** 26
-        onnx.save_model(model, target, save_as_external_data=large, all_tensors_to_one_file=True,
-                        location="model.onnx.data" if large else None)
-        del model
-        yield target
-
-
-def _deepsparse(path: str, batch_size: int, num_cores: Optional[int], input_shapes):
+def _deepsparse(path: str, batch_size: int, num_cores: Optional[int], input_shapes, timeout_s: float) -> Engine:
     usable, reason = deepsparse_status()
     if not usable:
         raise UserInputError(reason)
-    import deepsparse
+    worker = _take_worker()
     try:
-        if _needs_fixed_shapes(path, batch_size, input_shapes):
-            with _private_static_copy(path, input_shapes) as copy:
-                engine = deepsparse.Engine(copy, batch_size=batch_size, num_cores=num_cores)
-        else:  # only the batch is dynamic: DeepSparse sets it itself without writing any file
-            engine = deepsparse.Engine(path, batch_size=batch_size, num_cores=num_cores)
-    except Exception as e:
-        raise ExportError(f"DeepSparse cannot compile {path}: {type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
-    describe = (f"DeepSparse {deepsparse.__version__} ({engine.cpu_avx_type}"
-                f"{', VNNI' if engine.cpu_vnni else ''}, {engine.num_cores} cores)")
-    return engine, list(engine.input_names), describe
+        info = worker.request("compile", timeout_s=timeout_s, path=os.path.abspath(path), batch_size=batch_size,
+                              num_cores=num_cores, input_shapes=input_shapes)
+    except WorkerCrash as e:
+        worker.close()
+        raise EngineCrash(f"DeepSparse cannot compile {path}: {e}") from None
+    except WorkerError as e:
+        worker.close()
+        raise ExportError(f"DeepSparse cannot compile {path}: {e}") from None
+    return Engine("deepsparse", path, batch_size, num_cores, worker, info["input_names"],
+                  info["fraction_of_supported_ops"], info["description"], timeout_s)
 
 
 def open_engine(name: str, path: str, batch_size: int, num_cores: Optional[int] = None,
-                input_shapes: Optional[List[List[int]]] = None) -> Engine:
+                input_shapes: Optional[List[List[int]]] = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Engine:
     """Load ``path`` in engine ``name`` for ``batch_size`` samples per run.
 
     ``input_shapes`` fixes every input's shape for DeepSparse (needed when dims other than the
     batch are symbolic, e.g. a sequence length; compiled from a private copy, ``path`` is never
-    written); onnxruntime takes any shape at run time.
+    written); onnxruntime takes any shape at run time. ``timeout_s`` limits each DeepSparse
+    request (compile, run, timing loop); past it the child is killed and `EngineCrash` raised.
     """
     if name == "onnxruntime":
         impl, names, describe = _onnxruntime(path, num_cores)
         return Engine(name, path, batch_size, num_cores, impl, names, None, describe)
     if name == "deepsparse":
-        impl, names, describe = _deepsparse(path, batch_size, num_cores, input_shapes)
-        return Engine(name, path, batch_size, num_cores, impl, names,
-                      float(impl.fraction_of_supported_ops), describe)
+        return _deepsparse(path, batch_size, num_cores, input_shapes, timeout_s)
     raise UserInputError(f"unknown engine {name!r}: choose from {', '.join(ENGINES)}")

@@ -69,7 +69,7 @@ def export_variants(spec: str, transforms: Sequence[str], sparsities: Sequence[f
         exported = time.perf_counter() - start
         effective = result.report.effective_sparsity
         entry = BenchModel(label, path, transform, sparsity if transform != "none" else 0.0, family,
-                           form if transform == "parallel" else "")
+                           form if transform == "parallel" else "", info.deepsparse_reason)
         if log and effective is not None and transform != "none":
             print(f"sift: {label}: sparse layers at s' = {effective:.4f} (iso-FLOP compensation)", file=log)
         variants.append(Variant(entry, info, compiled, exported))

@@ -26,6 +26,7 @@ WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 META_LAYERS = "sift.layers"
 META_INPUTS = "sift.inputs"
 META_EXPORT = "sift.export"
+META_DEEPSPARSE = "sift.deepsparse"   # {"runs": false, "reason": ...}: exporters/outcome.py
 
 
 def load_onnx(path: str, load_external_data: bool = True):
@@ -220,6 +221,14 @@ def get_metadata(model, key: str):
                 return json.loads(prop.value)
             except ValueError:
                 return None
+    return None
+
+
+def not_for_deepsparse(model) -> Optional[str]:
+    """Why the exporter marked the file as not for DeepSparse (exporters/outcome.py), or None."""
+    record = get_metadata(model, META_DEEPSPARSE)
+    if isinstance(record, dict) and record.get("runs") is False:
+        return str(record.get("reason") or "marked by the exporter")
     return None
 
 

@@ -31,6 +31,16 @@ class IsoFlopCompensationPass(Pass):
                         and isinstance(gm.get_submodule(str(n.target)), MaskedLayer)]
         if not masked_nodes:
             return PassResult(False)
+        if unit.config.budget == "latency":  # the latency budget decides the size: sparse layers stay at s
+            for node in masked_nodes:
+                gm.get_submodule(str(node.target)).target_density = 1.0 - unit.config.sparsity
+            unit.effective_sparsity = unit.config.sparsity
+            unit.notes.append(f"budget latency: sparse layers at s = {unit.config.sparsity:g}, no iso-FLOP "
+                              "compensation")
+            unit.touch()
+            from ..analyses.layers import LayerAnalysis
+            from ..analyses.shapes import ShapeAnalysis
+            return PassResult(True, frozenset({ShapeAnalysis, LayerAnalysis}))
         masked_names = {n.name for n in masked_nodes}
         maskable = sum(counts.nodes[n].dense for n in masked_names)
         dense_after = sum(f.dense for name, f in counts.nodes.items()

@@ -60,8 +60,10 @@ class LayerRewritePass(Pass):
 
     transform = "none"
 
-    def __init__(self, sparsity: float, defer_init: bool = False) -> None:
+    def __init__(self, sparsity: float, defer_init: bool = False, capacity: Optional[float] = None) -> None:
         self.sparsity = sparsity
+        # the transform's size instead of its iso-FLOP formula (CompileConfig.capacity: unit per transform)
+        self.capacity = capacity
         # leave the new sparse weights to InitMasksPass, which draws and masks them in one go
         self.defer_init = defer_init
 

@@ -46,7 +46,7 @@ class SparseDopedPass(LayerRewritePass):
 
     def build(self, unit, layer, module) -> Tuple[nn.Module, str]:
         d_in, d_out, kernel, groups = fan(module)
-        ideal = doping_rank(d_in, d_out, kernel, self.sparsity)
+        ideal = doping_rank(d_in, d_out, kernel, self.sparsity) * (self.capacity or 1.0)
         rank = round_to_multiple(ideal, groups)
         m = masked_copy(module)
         m.target_density = 1.0 - self.sparsity

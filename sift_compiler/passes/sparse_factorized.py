@@ -49,7 +49,7 @@ class SparseFactorizedPass(LayerRewritePass):
 
     def build(self, unit, layer, module) -> Tuple[nn.Module, str]:
         d_in, d_out, kernel, groups = fan(module)
-        ideal = hidden_width(d_in, d_out, kernel, self.sparsity)
+        ideal = hidden_width(d_in, d_out, kernel, self.sparsity) * (self.capacity or 1.0)
         h = round_to_multiple(ideal, groups, minimum=groups)
         density = 1.0 - self.sparsity
         if isinstance(module, nn.Linear):

@@ -63,7 +63,7 @@ class SparseParallelPass(LayerRewritePass):
     transform = "parallel"
 
     def build(self, unit, layer, module) -> Tuple[nn.Module, str]:
-        count = num_branches(self.sparsity)
+        count = num_branches(self.sparsity) if self.capacity is None else max(1, int(round(self.capacity)))
         cfg = unit.config
         branches = []
         for _ in range(count):
@@ -72,7 +72,8 @@ class SparseParallelPass(LayerRewritePass):
             width = sparse.out_features if isinstance(sparse, nn.Linear) else sparse.out_channels
             norm, act = sigma(module, width, model_activation(unit), cfg.linear_norm)
             branches.append(SparseBranch(sparse, norm, act))
-        ideal = 1.0 / (1.0 - self.sparsity)
-        note = f"{count} branches" + (f" (1/(1-s) = {ideal:.2f} rounded)" if abs(ideal - count) > 1e-9 else "")
+        ideal = 1.0 / (1.0 - self.sparsity) if self.capacity is None else self.capacity
+        what = "1/(1-s)" if self.capacity is None else "capacity"
+        note = f"{count} branches" + (f" ({what} = {ideal:.2f} rounded)" if abs(ideal - count) > 1e-9 else "")
         return ParallelBranches(branches).train(module.training), note
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import Counter
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -81,10 +81,11 @@ class SparseWidePass(Pass):
 
     name = "sparse-wide"
 
-    def __init__(self, sparsity: float, round_to: int = 1, defer_init: bool = False) -> None:
+    def __init__(self, sparsity: float, round_to: int = 1, defer_init: bool = False,
+                 factor: Optional[float] = None) -> None:
         self.sparsity = sparsity
         self.round_to = round_to
-        self.factor = widening_factor(sparsity)
+        self.factor = widening_factor(sparsity) if factor is None else factor  # k, or the capacity asked for
         self.defer_init = defer_init  # see LayerRewritePass
 
     def call(self, unit) -> PassResult:
