@@ -1,7 +1,10 @@
 """Masked weight layers: `nn.Linear`/`nn.ConvNd` whose weight is multiplied by a boolean mask.
 
-`MaskedLinear(d_in, d_out)` computes `x @ (W * M).T + b`. The mask is a persistent buffer named
-``weight_mask`` (so it is in the state dict and travels with checkpoints) and the product happens
+`MaskedLinear(d_in, d_out)` computes `x @ (W * M).T + b`. The mask ``weight_mask`` is a bool
+`nn.Parameter` that is never trained (``requires_grad=False``): it is in the state dict and
+travels with checkpoints, and, being a parameter, FSDP2's ``fully_shard`` shards it with its
+weight (each rank holds the rows of the mask that match its rows of the weight; buffers would be
+replicated whole on every rank). Optimizers skip it (it never has a gradient). The product happens
 in forward, so gradients reach only unmasked weights without any hook. The masked positions of
 ``weight`` itself are kept at zero by the mask engine; export bakes the product into exact zeros.
 
@@ -89,7 +92,7 @@ class _DenseGradientTap(torch.autograd.Function):
 
 
 class MaskedLayer:
-    """Mixin: a weight layer with a ``weight_mask`` buffer and a target density."""
+    """Mixin: a weight layer with a ``weight_mask`` (a bool parameter, never trained) and a target density."""
 
     weight: nn.Parameter
     weight_mask: torch.Tensor
@@ -100,7 +103,7 @@ class MaskedLayer:
     init_pending: bool = False     # weights not drawn yet (deferred_init); init_on_mask draws them
 
     def _init_mask(self) -> None:
-        self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool))
+        self.weight_mask = nn.Parameter(torch.ones_like(self.weight, dtype=torch.bool), requires_grad=False)
         self.target_density = 1.0
 
     def masked_weight(self) -> torch.Tensor:
