@@ -14,6 +14,7 @@ from .config import CompileConfig
 from .errors import (CaptureError, ExportError, ModelLoadError, PassError, SiftError, UnsupportedOpError,
                      UserInputError)
 from .exporters.onnx import export_onnx
+from .initialization import init_weights, materialize
 from .pipelines import get_pipeline, pipeline_names, register_pipeline
 from .report import FlopReport
 from .serialize import load, save
@@ -22,5 +23,5 @@ from .unit import CompilationUnit
 __version__ = "0.1.0"
 __all__ = ["compile", "flops", "CompileResult", "CompileConfig", "CompilationUnit", "FlopReport", "capture",
            "leaf_module", "load_model", "export_onnx", "get_pipeline", "pipeline_names", "register_pipeline",
-           "load", "save", "sparsity", "latency", "SiftError", "UserInputError", "ModelLoadError", "CaptureError",
+           "load", "save", "sparsity", "init_weights", "materialize", "latency", "SiftError", "UserInputError", "ModelLoadError", "CaptureError",
            "PassError", "ExportError", "UnsupportedOpError"]

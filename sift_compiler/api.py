@@ -108,6 +108,7 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
     captured = capture(model, args, kwargs, method=capture_method)
     kwargs = captured.kwargs
     unit = CompilationUnit(captured.module, args, kwargs, config)
+    unit.notes.extend(n for n in captured.notes if n.startswith("meta device"))
     unit.init_policy = init_policy_for(captured.model)
     unit.baseline_layers = unit.analyses.get(LayerAnalysis)
     unit.baseline = unit.analyses.get(FlopAnalysis)
@@ -150,6 +151,9 @@ def _native(unit: CompilationUnit, captured) -> Tuple[Optional[nn.Module], str]:
     if build.module is None:
         return None, "; ".join(build.reasons[:3]) + (f" (and {len(build.reasons) - 3} more)"
                                                      if len(build.reasons) > 3 else "")
+    if unit.on_meta:
+        unit.notes.append("meta device: the native model was not run against the graph form (no values)")
+        return build.module, ""
     wrong, notes = check_native(build.module, unit.module, unit.args, unit.kwargs)
     unit.notes.extend(notes)
     if wrong:

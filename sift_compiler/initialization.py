@@ -1,4 +1,4 @@
-"""First values of the modules a rewrite creates: drawn the way the model initialises its own.
+"""First values of modules: drawn the way the model initialises its own, one stream per module.
 
 Sparse layers, dense factors, widened embeddings and norms are new modules. They start from
 
@@ -14,16 +14,24 @@ nothing else: not on the order of the passes nor on which other layers exist. A 
 multiplied by its mask afterwards, and a weight that comes out exactly 0.0 inside the mask is
 moved off zero (a normal draw gives 0.0 about once in 2^24 pairs), so that the mask's non-zeros,
 the FLOP report and the exported file's zeros agree.
+
+The same streams give `init_weights` and `materialize`: a model compiled on the meta device
+(nothing allocated) becomes real where its weights will live, whole or shard by shard under FSDP2
+(each rank draws a module's full tensors from its stream and keeps its own shard), and holds
+exactly what a compile of real weights holds when those weights came from ``init_weights`` too:
+every module by its path, every mask from its (seed, layer) stream, a masked copy of a layer (Sparse
+Doped's M) from the stream of the layer it copies.
 """
 from __future__ import annotations
 
+import copy
 import zlib
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .sparsity.init import layer_generator
+from .sparsity.init import exact_count, layer_generator, random_mask
 from .sparsity.layers import MaskedLayer
 
 FRESH = "_sift_fresh"  # instance flag: a dense module a rewrite built that still has its type's default values
@@ -39,7 +47,18 @@ class InitPolicy:
         layer.init_on_mask(layer_generator(seed, path, stream=1))
 
     def draw_fresh(self, module: nn.Module, path: str, seed: int) -> None:
-        """(Re)draw a dense module a rewrite built; the type default already holds its values."""
+        """Draw a dense module's own parameters and buffers from its stream: ``reset_parameters``."""
+        reset = getattr(module, "reset_parameters", None)
+        if reset is None:
+            if any(t is not None for t in module._parameters.values()):
+                from .errors import UserInputError
+                raise UserInputError(f"cannot initialise {path or 'the model'} ({type(module).__name__}): it owns "
+                                     "parameters and has no reset_parameters; initialise it yourself after "
+                                     "materializing, or give the module a reset_parameters method")
+            return
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(stream_seed(seed, path))
+            reset()
 
 
 class LayerDefault(InitPolicy):
@@ -101,6 +120,15 @@ def mark_fresh(module: nn.Module) -> nn.Module:
     return module
 
 
+COPY_OF = "sift_copy_of"  # attribute of a masked layer that holds another layer's values: that layer's path
+
+
+def mark_copy(layer: MaskedLayer, original_path: str) -> MaskedLayer:
+    """``layer`` starts as a copy of the layer at ``original_path`` (its values come from that stream)."""
+    setattr(layer, COPY_OF, original_path)
+    return layer
+
+
 def init_fresh_modules(root: nn.Module, policy: InitPolicy, seed: int) -> int:
     """Apply ``policy`` to every module under ``root`` flagged by `mark_fresh`, and clear the flags."""
     count = 0
@@ -109,3 +137,98 @@ def init_fresh_modules(root: nn.Module, policy: InitPolicy, seed: int) -> int:
             policy.draw_fresh(module, path, seed)
             count += 1
     return count
+
+
+def _own_tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
+    return {name: t for name, t in list(module._parameters.items()) + list(module._buffers.items()) if t is not None}
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _full_stand_in(module: nn.Module, device: torch.device) -> nn.Module:
+    """A shallow copy of ``module`` whose own tensors are plain, full-size and uninitialised."""
+    stand_in = copy.copy(module)
+    stand_in._parameters, stand_in._buffers = dict(module._parameters), dict(module._buffers)
+    for table in (stand_in._parameters, stand_in._buffers):
+        for name, t in table.items():
+            if t is not None:
+                full = torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
+                table[name] = nn.Parameter(full, requires_grad=False) if isinstance(t, nn.Parameter) else full
+    return stand_in
+
+
+def _keep_shards(module: nn.Module, stand_in: nn.Module) -> None:
+    """Copy each full tensor of ``stand_in`` into ``module``'s tensor: all of it, or this rank's shard."""
+    from torch.distributed.tensor import distribute_tensor
+    full = _own_tensors(stand_in)
+    with torch.no_grad():
+        for name, target in _own_tensors(module).items():
+            value = full[name]
+            if _is_dtensor(target):  # every rank drew the same full tensor: no communication needed
+                local = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+                target.to_local().copy_(local.to_local())
+            else:
+                target.copy_(value)
+
+
+def _init_module(module: nn.Module, path: str, policy: InitPolicy, seed: int) -> None:
+    if isinstance(module, MaskedLayer):
+        origin = getattr(module, COPY_OF, None)
+        if module.target_density < 1:
+            mask = random_mask(tuple(module.weight.shape), module.target_density, layer_generator(seed, path))
+            module.weight_mask.copy_(mask.to(module.weight_mask.device))
+        else:
+            module.weight_mask.fill_(True)
+        if origin is not None:  # a masked copy: the values of the layer it copies, then its mask (as compile does)
+            policy.draw_fresh(module, origin, seed)
+            with torch.no_grad():
+                module.weight.mul_(module.weight_mask.to(module.weight.dtype))
+        else:
+            policy.draw_masked(module, path, seed)
+        module.init_pending = False
+    else:
+        policy.draw_fresh(module, path, seed)
+
+
+def init_weights(model: nn.Module, seed: int = 0, policy: Optional[InitPolicy] = None) -> int:
+    """Draw every parameter, buffer and mask of ``model`` from its (seed, module path) stream.
+
+    >>> sift.init_weights(dense_model, seed=0)                  # the dense model, reproducibly
+    >>> model.to_empty(device="cpu"); sift.init_weights(model, seed=0)   # == sift.materialize(model, "cpu", 0)
+
+    Each module that owns tensors is initialised by ``policy`` (default: the model's own,
+    `init_policy_for`): masked layers get their exact-count mask first. Sharded (FSDP2 DTensor)
+    parameters get their local shard of the full draw, so any number of ranks holds the same
+    values. Returns how many modules were initialised.
+    """
+    policy = policy or init_policy_for(model)
+    count = 0
+    for path, module in model.named_modules():
+        tensors = _own_tensors(module)
+        if not tensors:
+            continue
+        sharded = any(_is_dtensor(t) for t in tensors.values())
+        if sharded:
+            device = next(t.to_local().device for t in tensors.values() if _is_dtensor(t))
+            stand_in = _full_stand_in(module, device)
+            _init_module(stand_in, path, policy, seed)
+            _keep_shards(module, stand_in)
+        else:
+            _init_module(module, path, policy, seed)
+        module.__dict__.pop(FRESH, None)
+        count += 1
+    return count
+
+
+def materialize(model: nn.Module, device: Union[str, torch.device] = "cpu", seed: int = 0) -> nn.Module:
+    """Allocate a model built or compiled on the meta device on ``device`` and draw its values.
+
+    ``model.to_empty(device=device)`` followed by `init_weights`; returns ``model``. The values
+    equal those of a real-weight compile of a dense model initialised with ``init_weights(dense,
+    seed)`` and compiled with the same ``seed``.
+    """
+    model.to_empty(device=device)
+    init_weights(model, seed)
+    return model

@@ -119,6 +119,11 @@ class CompilationUnit:
     def graph(self) -> fx.Graph:
         return self.module.graph
 
+    @property
+    def on_meta(self) -> bool:
+        """The weights are on the meta device: shapes only, a compile that plans (`initialization.materialize`)."""
+        return on_meta_device(self.module)
+
     def touch(self) -> None:
         """Record that the graph or the masks changed: cached analyses become stale."""
         self.generation += 1
@@ -131,6 +136,11 @@ class CompilationUnit:
     def batch_size(self) -> int:
         first = next((t for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)), None)
         return int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+
+
+def on_meta_device(module: nn.Module) -> bool:
+    """Does ``module`` hold any parameter or buffer on the meta device?"""
+    return any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
 
 
 def bind_placeholders(gm: fx.GraphModule, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Any]:

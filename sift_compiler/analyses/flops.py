@@ -22,6 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .manager import Analysis
 from .ops import ELEMENTWISE_KINDS, NORM_KINDS, POOL_KINDS, op_kind, op_name
 from .shapes import ShapeAnalysis, ShapeMap, TensorSpec
+from ..sparsity.init import exact_count
 from ..sparsity.layers import MaskedLayer
 
 CATEGORIES = ("weight", "attention", "norm", "pool", "elementwise", "embedding", "other")
@@ -78,6 +79,15 @@ def mask_nnz(mask: torch.Tensor) -> int:
     return count
 
 
+def planned_nnz(layer: MaskedLayer) -> int:
+    """The non-zeros of a masked layer's mask: counted, or on the meta device (nothing drawn, a
+    compile that only plans) the exact count its target density will draw."""
+    if layer.weight_mask.is_meta:
+        return exact_count(layer.target_density, layer.weight.numel()) if layer.target_density < 1 \
+            else layer.weight.numel()
+    return mask_nnz(layer.weight_mask)
+
+
 def _numel(spec) -> int:
     return spec.numel if isinstance(spec, TensorSpec) else 0
 
@@ -88,7 +98,7 @@ def _weight_layer(gm, node, shapes: ShapeMap, module) -> Tuple[float, float, int
         return 0.0, 0.0, 0, 0
     weight = module.weight
     numel = weight.numel()
-    nnz = mask_nnz(module.weight_mask) if isinstance(module, MaskedLayer) else numel
+    nnz = planned_nnz(module) if isinstance(module, MaskedLayer) else numel
     if isinstance(module, torch.nn.Linear):
         positions = out.numel // max(module.out_features, 1)
     elif getattr(module, "transposed", False):

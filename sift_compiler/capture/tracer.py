@@ -31,6 +31,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import CaptureError, UserInputError, first_line
 from ..sparsity.layers import MaskedLayer
+from ..unit import on_meta_device
 from .modules import canonicalize_modules
 from .normalize import annotate_provenance, modularize_functional_ops
 
@@ -196,6 +197,8 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
     if method not in ("auto", "fx", "export"):
         raise ValueError(f"unknown capture method {method!r}: use 'auto', 'fx' or 'export'")
     kwargs = dict(kwargs or {})
+    meta = on_meta_device(model)
+    verify = verify and not meta  # no values to compare on the meta device
     reference = reference_outputs(model, args, kwargs) if verify else None
     original = model
     model = copy.deepcopy(model) if copy_model else model
@@ -216,8 +219,11 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
                 setattr(model.get_submodule(parent) if parent else model, name, module)
             for module, flag in flags:
                 module.training = flag
+    notes = [note] if note else []
+    if meta:
+        notes.append("meta device: the captured graph was not checked against the model's outputs (no values)")
     return CaptureResult(gm, used, fx_error, model if copy_model else None, canonicalized if copy_model else {},
-                         kwargs, [note] if note else [])
+                         kwargs, notes)
 
 
 def _compiled(module: nn.Module) -> bool:

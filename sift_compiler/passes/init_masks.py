@@ -14,6 +14,10 @@ class InitMasksPass(Pass):
     name = "init-masks"
 
     def call(self, unit) -> PassResult:
+        if unit.on_meta:  # nothing to draw into: the masks and weights come with materialize()
+            unit.notes.append("meta device: masks and new weights are planned, not drawn; sift.materialize(module, "
+                              "device, seed) draws them from their (seed, layer) streams")
+            return PassResult(False, frozenset({ShapeAnalysis, LayerAnalysis}))
         policy = unit.init_policy or LayerDefault()
         seed = unit.config.seed
         drawn = init_masks(unit.module, seed, draw_weights=lambda layer, name: policy.draw_masked(layer, name, seed))

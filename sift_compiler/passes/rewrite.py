@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch.nn as nn
 
 from ..analyses.layers import LayerAnalysis, WeightLayer
+from ..initialization import mark_copy
 from ..sparsity.layers import deferred_init, masked_copy
 from ..unit import LayerDecision, ModuleRewrite
 from .base import Pass, PassResult
@@ -87,7 +88,8 @@ class LayerRewritePass(Pass):
             module = gm.get_submodule(layer.target)
             meta = {"sift.origin": layer.target, "sift.rule": self.name}
             if layer.shortcut:
-                replacement, detail, kind = masked_copy(module), "shortcut projection: masked, not copied", "masked"
+                replacement, detail, kind = mark_copy(masked_copy(module), layer.target), \
+                    "shortcut projection: masked, not copied", "masked"
                 replacement.target_density = 1.0 - self.sparsity
             else:
                 replacement, detail = self.build(unit, layer, module)

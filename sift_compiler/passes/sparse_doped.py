@@ -16,6 +16,7 @@ from typing import Tuple
 
 import torch.nn as nn
 
+from ..initialization import mark_copy
 from ..sparsity.layers import masked_copy, new_layer
 from .rewrite import LayerRewritePass, fan, round_to_multiple
 
@@ -48,7 +49,7 @@ class SparseDopedPass(LayerRewritePass):
         d_in, d_out, kernel, groups = fan(module)
         ideal = doping_rank(d_in, d_out, kernel, self.sparsity) * (self.capacity or 1.0)
         rank = round_to_multiple(ideal, groups)
-        m = masked_copy(module)
+        m = mark_copy(masked_copy(module), layer.target)
         m.target_density = 1.0 - self.sparsity
         if rank == 0:
             return m, f"r=0 (ideal {ideal:.2f}): M only"

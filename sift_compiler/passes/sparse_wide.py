@@ -37,7 +37,7 @@ from ..analyses.layers import LayerAnalysis
 from ..analyses.ops import module_kind
 from ..analyses.shapes import ShapeAnalysis
 from ..errors import PassError
-from ..initialization import mark_fresh
+from ..initialization import mark_copy, mark_fresh, stream_seed
 from ..sparsity.layers import MaskedLayer, deferred_init, masked_copy, new_layer
 from ..unit import LayerDecision, ModuleRewrite, TensorRewrite
 from .base import Pass, PassResult
@@ -143,7 +143,7 @@ class SparseWidePass(Pass):
             sparse = layer is not None and layer.dense_reason("wide") is None
             detail = f"in {old[0]}->{new_in}, out {old[1]}->{new_out}" + ("" if sparse else ", dense")
             if (new_in, new_out) == old:
-                return (masked_copy(module) if sparse else module), detail
+                return (mark_copy(masked_copy(module), layer.target) if sparse else module), detail
             if kind == "linear":
                 return new_layer(module, masked=sparse, in_features=new_in, out_features=new_out), detail
             groups = new_in if entry.get("depthwise") else module.groups
@@ -194,7 +194,7 @@ class SparseWidePass(Pass):
                 continue
             new = done.get(id(old))
             if new is None:
-                new = _redraw(old, shape)
+                new = _redraw(old, shape, torch.Generator().manual_seed(stream_seed(unit.config.seed, target)))
                 done[id(old)] = new
             owner = gm.get_submodule(owner_path) if owner_path else gm
             unit.rewrites.tensors.append(TensorRewrite(target, old, new))
@@ -262,7 +262,8 @@ def _constant_init_like(old: nn.Module, new: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name in ("weight", "bias"):
             before, after = getattr(old, name, None), getattr(new, name, None)
-            if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.numel():
+            if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.numel() \
+                    and not before.is_meta:
                 first = before.detach().flatten()[0]
                 if bool((before == first).all()):
                     after.fill_(float(first))
@@ -273,13 +274,17 @@ def _is_masked(module: nn.Module) -> bool:
     return isinstance(module, MaskedLayer)
 
 
-def _redraw(old: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
-    """A tensor of the new shape drawn like the old one: N(0, std(old)), or its constant value."""
+def _redraw(old: torch.Tensor, shape: Tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A tensor of the new shape drawn like the old one: N(0, std(old)), or its constant value.
+    On the meta device (a compile that only plans) it has the shape and no values."""
+    if old.is_meta:
+        new = torch.empty(shape, dtype=old.dtype, device="meta")
+        return nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
     with torch.no_grad():
         values = old.detach().float()
         std = float(values.std()) if values.numel() > 1 else 0.0
         if std > 0:
-            new = torch.randn(shape, dtype=torch.float32) * std
+            new = torch.randn(shape, dtype=torch.float32, generator=generator) * std
         else:
             new = torch.full(shape, float(values.flatten()[0]) if values.numel() else 0.0)
     new = new.to(old.dtype)
