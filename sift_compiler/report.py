@@ -58,6 +58,12 @@ class FlopReport:
         return self.sift_flops / self.dense_flops if self.dense_flops else 1.0
 
     @property
+    def tokens_per_sample(self) -> int:
+        """The sequence length for token-id inputs (batch, sequence), else 0."""
+        integer = self.input_dtype.startswith(("int", "uint"))
+        return int(self.input_shape[1]) if integer and len(self.input_shape) == 2 else 0
+
+    @property
     def total_flop_ratio(self) -> float:
         return self.total_sift_flops / self.total_dense_flops if self.total_dense_flops else 1.0
 
@@ -65,6 +71,11 @@ class FlopReport:
         data = asdict(self)
         data["flop_ratio"] = self.flop_ratio
         data["total_flop_ratio"] = self.total_flop_ratio
+        if self.tokens_per_sample:
+            data["flops_per_token"] = {"dense": self.dense_flops / self.tokens_per_sample,
+                                       "sift": self.sift_flops / self.tokens_per_sample,
+                                       "total_dense": self.total_dense_flops / self.tokens_per_sample,
+                                       "total_sift": self.total_sift_flops / self.tokens_per_sample}
         return data
 
     def to_json(self, indent: int = 2) -> str:
@@ -99,7 +110,14 @@ class FlopReport:
         if self.budget == "latency":
             rows.append(f"FLOP ratio (weight layers, sift/dense; budget latency, not iso-FLOP): {self.flop_ratio:.4f}")
         else:
-            rows.append(f"iso-FLOP ratio (weight layers, sift/dense): {self.flop_ratio:.4f}")
+            tokens = self.tokens_per_sample
+        if tokens:
+            rows.append(f"{'per token (weight)':<22}{_fmt(self.dense_flops / tokens):>14}{_fmt(self.sift_flops / tokens):>14}"
+                        f"{_ratio(self.sift_flops, self.dense_flops):>9}")
+            rows.append(f"{'per token (all ops)':<22}{_fmt(self.total_dense_flops / tokens):>14}"
+                        f"{_fmt(self.total_sift_flops / tokens):>14}"
+                        f"{_ratio(self.total_sift_flops, self.total_dense_flops):>9}")
+        rows.append(f"iso-FLOP ratio (weight layers, sift/dense): {self.flop_ratio:.4f}")
         rows += [f"note: {n}" for n in self.notes]
         if self.uncounted_ops:
             rows.append(f"note: ops not counted (no FLOP rule): {', '.join(self.uncounted_ops)}")

@@ -4,7 +4,9 @@
 ``torchvision:NAME``        ``torchvision.models.get_model(NAME, weights=None)``
 ``timm:NAME``               ``timm.create_model(NAME, pretrained=False)``
 ``transformers:MODEL_TYPE`` the default config of that type, random weights, never downloaded;
-                            the masked-LM head if the type has one, else the causal-LM head
+                            the masked-LM head if the type has one, else the causal-LM head;
+                            or a preset of the paper's shapes: ``gpt3-small`` (125M),
+                            ``gpt3-xl`` (1.3B), ``llama2-7b`` (`PRESETS`)
 ``package.module:callable`` ``callable(**options)``: the user's own code, imported by name
 ``FILE.pt``                 a ``torch.save(model)`` pickle: refused unless ``trust_pickle``
 ==========================  ===============================================================
@@ -15,6 +17,7 @@ Nothing is ever downloaded: no pretrained weights, no hub configs.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import os
@@ -28,6 +31,18 @@ import torch.nn as nn
 from ..errors import ModelLoadError, UserInputError, first_line
 
 FAMILIES = ("torchvision", "timm", "transformers")
+
+# The paper's language models (Table 14: GPT-3 Small; Figure 3: XL) and Llama-2 7B, by config:
+# name -> (transformers model type, config options). Options given after the name override them.
+PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "gpt3-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, n_inner=3072, n_positions=2048,
+                                vocab_size=50257)),
+    "gpt3-xl": ("gpt2", dict(n_layer=24, n_embd=2048, n_head=16, n_inner=8192, n_positions=2048,
+                             vocab_size=50257)),
+    "llama2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                max_position_embeddings=4096, rms_norm_eps=1e-5)),
+}
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -129,10 +144,13 @@ def _transformers(model_type: str, options: Dict[str, Any]) -> nn.Module:
     except ImportError:
         raise ModelLoadError("transformers is not installed: pip install 'sift-compiler[transformers]'") from None
     from transformers.models.auto import modeling_auto as auto
+    if model_type in PRESETS:
+        model_type, defaults = PRESETS[model_type]
+        options = {**defaults, **options}
     try:
         config = AutoConfig.for_model(model_type, **options)
     except (ValueError, KeyError):
-        known = sorted(auto.MODEL_MAPPING_NAMES)
+        known = sorted(auto.MODEL_MAPPING_NAMES) + sorted(PRESETS)
         raise UserInputError(f"unknown transformers model type {model_type!r}{_suggest(model_type, known)}") from None
     if model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         cls = transformers.AutoModelForMaskedLM
@@ -243,15 +261,23 @@ def example_inputs(model: nn.Module, family: str, shape: Tuple[int, ...], dtype:
 
 
 def load_model(spec: str, input_shape: Optional[Tuple[int, ...]] = None, input_dtype: Optional[torch.dtype] = None,
-               trust_pickle: bool = False, weights: Optional[str] = None) -> ModelSource:
-    """Build the model named by ``spec`` with example inputs (see the module docstring)."""
+               trust_pickle: bool = False, weights: Optional[str] = None, meta: bool = False) -> ModelSource:
+    """Build the model named by ``spec`` with example inputs (see the module docstring).
+
+    ``meta``: build a library model on the meta device (shapes only, nothing allocated: a 7B model
+    compiles in seconds; `initialization.materialize` gives it values later).
+    """
     head, options = split_spec(spec)
     prefix, _, name = head.partition(":")
+    if meta and (prefix not in FAMILIES or weights):
+        raise UserInputError("--meta builds torchvision:, timm: and transformers: models without weights; "
+                             f"{spec!r}{' with --weights' if weights else ''} has weights to load")
     if prefix in FAMILIES and name:
         family = prefix
         builder = {"torchvision": _torchvision, "timm": _timm, "transformers": _transformers}[prefix]
         try:
-            model = builder(name, options)
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                model = builder(name, options)
         except (UserInputError, ModelLoadError):
             raise
         except TypeError as e:

@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..config import ACTIVATIONS
+from ..errors import UserInputError
 from ..native import OUTPUTS
 from ..pipelines import TRANSFORM_PIPELINES
 from ._common import all_or_nothing, run_main, sparsity_arg
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-dense", nargs="+", default=[], metavar="PATTERN",
                    help="keep layers dense whose name or type matches these glob patterns (e.g. 'layer4.*' Linear)")
     p.add_argument("--weights", help="a state dict file to load into MODEL (read without running code)")
+    p.add_argument("--meta", action="store_true",
+                   help="build MODEL on the meta device: compile and report without allocating any weight (a 7B "
+                        "model in seconds; e.g. transformers:llama2-7b); no -o/--onnx, materialize in Python")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow MODEL to be a torch.save(model) pickle; loading it runs code from the file")
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks (default 0)")
@@ -102,7 +106,11 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"sift-compile: loading {args.model}", file=sys.stderr, flush=True)
     import torch
     torch.manual_seed(args.seed)  # random-weight models are reproducible (sift-check --against SPEC)
-    source = load_model(args.model, shape, dtype, trust_pickle=args.trust_pickle, weights=args.weights)
+    if args.meta and (args.output or args.onnx):
+        raise UserInputError("--meta compiles without weights: there is nothing to write with -o or --onnx; "
+                             "use sift.materialize(result.module, device, seed) in Python, then save or export")
+    source = load_model(args.model, shape, dtype, trust_pickle=args.trust_pickle, weights=args.weights,
+                        meta=args.meta)
     print(f"sift-compile: compiling ({args.transform}, input {source.describe_input()})", file=sys.stderr, flush=True)
     options = dict(seed=args.seed, keep_dense=args.keep_dense, activation=args.activation,
                    linear_norm=args.linear_norm, round_to=args.round_to, attention_width=args.attention_width,
