@@ -107,17 +107,17 @@ class FlopReport:
                 rows.append(f"{category:<22}{_fmt(dense):>14}{_fmt(sift):>14}{_ratio(sift, dense):>9}")
         rows.append(f"{'all ops':<22}{_fmt(self.total_dense_flops):>14}{_fmt(self.total_sift_flops):>14}"
                      f"{_ratio(self.total_sift_flops, self.total_dense_flops):>9}")
-        if self.budget == "latency":
-            rows.append(f"FLOP ratio (weight layers, sift/dense; budget latency, not iso-FLOP): {self.flop_ratio:.4f}")
-        else:
-            tokens = self.tokens_per_sample
+        tokens = self.tokens_per_sample
         if tokens:
             rows.append(f"{'per token (weight)':<22}{_fmt(self.dense_flops / tokens):>14}{_fmt(self.sift_flops / tokens):>14}"
                         f"{_ratio(self.sift_flops, self.dense_flops):>9}")
             rows.append(f"{'per token (all ops)':<22}{_fmt(self.total_dense_flops / tokens):>14}"
                         f"{_fmt(self.total_sift_flops / tokens):>14}"
                         f"{_ratio(self.total_sift_flops, self.total_dense_flops):>9}")
-        rows.append(f"iso-FLOP ratio (weight layers, sift/dense): {self.flop_ratio:.4f}")
+        if self.budget == "latency":
+            rows.append(f"FLOP ratio (weight layers, sift/dense; budget latency, not iso-FLOP): {self.flop_ratio:.4f}")
+        else:
+            rows.append(f"iso-FLOP ratio (weight layers, sift/dense): {self.flop_ratio:.4f}")
         rows += [f"note: {n}" for n in self.notes]
         if self.uncounted_ops:
             rows.append(f"note: ops not counted (no FLOP rule): {', '.join(self.uncounted_ops)}")
