@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Tuple
 
 from .errors import UserInputError
@@ -28,7 +28,6 @@ class CompileConfig:
     flop_tolerance: float = 0.005     # |sift/dense - 1| allowed by the iso-FLOP check
     round_to: int = 1                 # Sparse Wide: channel multiple
     attention_width: str = "keep"     # Sparse Wide on attention: keep heads x head_dim, or scale
-    extra: Tuple[Tuple[str, object], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity, allow_zero=True)

@@ -11,8 +11,6 @@ import torch.nn as nn
 import sift_compiler as sift
 from sift_compiler.errors import ExportError
 
-pytest.importorskip("deepsparse")
-
 
 def _mlp():
     torch.manual_seed(0)
