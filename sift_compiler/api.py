@@ -16,6 +16,7 @@ from .config import CompileConfig
 from .passes.base import ProgressInstrument, TimingInstrument
 from .pipelines import TRANSFORM_PIPELINES, get_pipeline
 from .report import FlopReport, build_report
+from .shortfall import check_as_asked
 from .unit import CompilationUnit
 
 
@@ -50,7 +51,7 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
             seed: int = 0, keep_dense: Sequence[str] = (), activation: str = "auto", linear_norm: bool = False,
             round_to: int = 1, attention_width: str = "keep", capture_method: str = "auto",
             progress: Optional[TextIO] = None, model_name: str = "", source: Optional[Dict[str, Any]] = None,
-            ) -> CompileResult:
+            strict: bool = False) -> CompileResult:
     """Capture ``model`` and rewrite it with a Sparse-IFT transform at equal FLOPs.
 
     >>> import sift_compiler as sift, torch, torchvision
@@ -61,11 +62,13 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
 
     ``transform``: "none" (dense baseline), "parallel", "factorized", "doped" or "wide";
     ``sparsity``: s in [0, 1). ``seed`` fixes the masks and every new weight (the caller's torch
-    RNG state is neither used nor advanced). The user's ``model`` is not modified.
+    RNG state is neither used nor advanced). The user's ``model`` is not modified. A transform that
+    could not be applied as asked (layers kept at width, s' far from s: see `shortfall`) warns with
+    a `SiftWarning`; ``strict=True`` makes it a `ShortfallError`.
     """
     config = CompileConfig(transform=transform, sparsity=sparsity, seed=seed, keep_dense=tuple(keep_dense),
                            activation=activation, linear_norm=linear_norm, round_to=round_to,
-                           attention_width=attention_width)
+                           attention_width=attention_width, strict=strict)
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     timing = TimingInstrument()
     captured = capture(model, args, kwargs, method=capture_method)
@@ -80,6 +83,7 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipeline.run(unit)
+    check_as_asked(unit)  # warns, or raises with strict=True
     report = current_report(unit, model_name or type(model).__name__, captured.method)
     unit.module.sift_config = config  # lets flops()/export recognise a compiled module
     return CompileResult(unit.module, report, unit, config, captured.method, timing.timings, source)

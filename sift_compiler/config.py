@@ -28,6 +28,7 @@ class CompileConfig:
     flop_tolerance: float = 0.005     # |sift/dense - 1| allowed by the iso-FLOP check
     round_to: int = 1                 # Sparse Wide: channel multiple
     attention_width: str = "keep"     # Sparse Wide on attention: keep heads x head_dim, or scale
+    strict: bool = False              # a transform not applied as asked is an error, not a warning
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity, allow_zero=True)

@@ -60,6 +60,14 @@ class ExportError(SiftError):
     """ONNX export or its verification failed."""
 
 
+class ShortfallError(SiftError):
+    """With ``strict=True``: the transform could not be applied as asked (see `shortfall`)."""
+
+
+class SiftWarning(UserWarning):
+    """A transform not applied as asked (see `shortfall`); the CLI prints it as one line."""
+
+
 def describe_node(node: fx.Node) -> str:
     """`'layer1.0.conv1' (call_module Conv2d)` plus the user's source line when FX kept it."""
     what = node.op

@@ -34,8 +34,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import describe_node
-from .axes import AxisGraph, Expr
-from .coupling_rules import Literal, SizeValue, reads_sizes, size_math
+from .axes import AxisGraph, Expr, FloorDiv, Sym
+from .coupling_rules import Literal, SizeLink, SizeValue, reads_sizes, size_math
 from .manager import Analysis
 from .ops import lookup, op_name
 from .shapes import ShapeAnalysis, ShapeMap, TensorSpec
@@ -63,6 +63,7 @@ class _Builder:
         self.axes = AxisGraph()
         self.result = CouplingResult(self.axes, {}, {}, {})
         self._param_ids: Dict[int, Tuple[Expr, ...]] = {}
+        self.links: List[SizeLink] = []
 
     # -- helpers -------------------------------------------------------------------------
     def fresh(self, spec: Optional[TensorSpec], label: str, pinned: Optional[str] = None) -> Tuple[Expr, ...]:
@@ -100,11 +101,18 @@ class _Builder:
     def run(self) -> CouplingResult:
         for node in self.gm.graph.nodes:
             self.result.values[node.name] = self.visit(node)
+        while self.axes.propagate_pins():
+            pass
+        for link in self.links:
+            settle(self.axes, link, self.result.literals)
         return self.result
 
     def visit(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
-            return self.fresh_tree(self.shapes.value(node), node.name, "model input")
+            value = self.fresh_tree(self.shapes.value(node), node.name, "model input")
+            for expr in _flatten(value):
+                self.axes.mark_varying(expr)
+            return value
         if node.op == "output":
             for value in _flatten_nodes(node.args[0]):
                 for expr in _flatten(self.result.values.get(value.name)):
@@ -150,6 +158,50 @@ class _Builder:
         if previous is not axes:
             for a, b in zip(previous, axes):
                 self.axes.unify(a, b, where)
+
+
+def settle(axes: AxisGraph, link: SizeLink, literals: List[Literal]) -> None:
+    """A size argument computed by a node (``view(B, T, n_head, C // n_head)``) and the axis it
+    gives. Where both can change, they are unified, as the code says (``C // n_head`` stays exact:
+    C becomes a multiple of n_head). Where the axis is kept (attention_width="keep") or unifying
+    would define a size in terms of itself, the argument becomes a literal Sparse Wide rewrites
+    when the node no longer computes the axis' size. Sizes that follow the input shape (batch,
+    sequence) are never written as literals: those are unified (and pinned) as before."""
+    size, where = link.size, link.node
+    expr = size.exprs[0] if size.single else None
+    value = axes.original(link.axis)
+    if expr is None:  # computed outside the algebra: rewrite if anything it reads changes
+        if size.sources and not axes.varies(size.sources):
+            literals.append(Literal(link.node, link.index, link.slot, link.axis, value, computed=size.sources))
+        else:
+            axes.pin(link.axis, f"size computed from other axes at {where}")
+            for source in size.sources:
+                axes.pin(source, f"size computed from other axes at {where}")
+        return
+    if axes.fixed(link.axis) and axes.fixed(expr):
+        return
+    if not axes.varies([expr]) and (axes.fixed(link.axis) or not _can_unify(axes, link.axis, expr)):
+        literals.append(Literal(link.node, link.index, link.slot, link.axis, value, source=expr))
+        return
+    axes.unify(link.axis, expr, where)
+    for part in _floor_divs(expr):
+        axes.require_multiple(part.numerator, part.divisor)
+
+
+def _can_unify(axes: AxisGraph, a: Expr, b: Expr) -> bool:
+    """Unifying binds a free symbol to the other side without defining it in terms of itself."""
+    def binds(sym: Expr, other: Expr) -> bool:
+        return isinstance(sym, Sym) and axes.root(sym) not in axes.definition \
+            and axes.root(sym) not in axes.reach(other)
+    return binds(a, b) or binds(b, a)
+
+
+def _floor_divs(expr: Expr) -> List[FloorDiv]:
+    found = [expr] if isinstance(expr, FloorDiv) else []
+    for part in getattr(expr, "terms", ()) + getattr(expr, "factors", ()) + \
+            ((expr.numerator,) if isinstance(expr, FloorDiv) else ()):
+        found.extend(_floor_divs(part))
+    return found
 
 
 def _flatten(value: Any) -> List[Expr]:

@@ -10,12 +10,14 @@ anything else, the op has no rule and pins what it touches. Views, joins and spl
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
-from .axes import Const, Expr
+from .axes import Const, Expr, FloorDiv, Prod, Sum
 from .shapes import TensorSpec
 
 CouplingRule = Callable[[Any, fx.Node], Any]
@@ -23,8 +25,8 @@ CouplingRule = Callable[[Any, fx.Node], Any]
 
 @dataclass(frozen=True)
 class SizeValue:
-    """An int (or tuple of ints) read from tensor shapes: ``expr`` when it is exactly one axis,
-    None when it was computed (then ``sources`` lists the axes it depends on)."""
+    """Ints read from tensor shapes: each an axis expression (``C``, ``C // 4``, ``3 * C``), or
+    None when computed in a way the algebra does not follow (``sources``: the axes it read)."""
 
     exprs: Tuple[Optional[Expr], ...]
     sources: Tuple[Expr, ...] = ()
@@ -33,13 +35,29 @@ class SizeValue:
 
 @dataclass
 class Literal:
-    """A constant size argument of a node that must follow an axis: node.args[index][slot]."""
+    """A size argument of a node that must follow an axis: node.args[index][slot] (slot None:
+    node.args[index]). ``value`` is the size today. The argument is an int in the code, or a node
+    computing ``source`` (or something from the ``computed`` axes); Sparse Wide writes the new
+    size as an int where the node would no longer compute it."""
 
     node: str
     index: int
     slot: Optional[int]
     expr: Expr
     value: int
+    source: Optional[Expr] = None
+    computed: Tuple[Expr, ...] = ()
+
+
+@dataclass(frozen=True)
+class SizeLink:
+    """A size argument given by a node (``view(B, T, C // n_head)``): settled after the walk."""
+
+    node: str
+    index: int
+    slot: Optional[int]
+    axis: Expr
+    size: SizeValue
 
 
 def on_tensor(what: str) -> Callable[[Callable], CouplingRule]:
@@ -90,6 +108,8 @@ def conv_module(b, node, x):
     channel = len(x) - len(module.kernel_size) - 1
     b.axes.unify(x[channel], m["in"], path)
     spatial = tuple(new(d, f"{path}.spatial", "spatial size") for d in b.shapes[node].shape[channel + 1:])
+    for axis in spatial:
+        b.axes.mark_varying(axis)
     return x[:channel] + (m["out"],) + spatial
 
 
@@ -140,6 +160,8 @@ def pool(b, node, x):
     out = b.shapes[node] or next(s for s in b.shapes.value(node) if isinstance(s, TensorSpec))
     keep = 2 if len(x) >= 3 else 1
     spatial = tuple(b.axes.new(d, f"{node.name}.spatial", "spatial size") for d in out.shape[keep:])
+    for axis in spatial:
+        b.axes.mark_varying(axis)
     value = x[:keep] + spatial
     return value if b.shapes[node] is not None else tuple(value for _ in b.shapes.value(node))
 
@@ -251,8 +273,8 @@ def _contract(b, node, left_arg, right_arg):
     batch = broadcast_batch(b, node, left[:-2], right[:-2])
     if not params and b.attention_width == "keep":
         reason = f"attention width kept (attention_width=keep) at {node.name}"
-        b.axes.pin(left[-1], reason)
-        b.axes.pin(right[-1], reason)
+        b.axes.pin(left[-1], reason, asked=True)
+        b.axes.pin(right[-1], reason, asked=True)
     return batch + (left[-2], right[-1])
 
 
@@ -291,7 +313,7 @@ def einsum(b, node):
     if b.attention_width == "keep" and not any(isinstance(a, fx.Node) and a.op == "get_attr" for a in operands):
         shared = set.intersection(*(set(term) for term in inputs.split(",")))
         for letter in set(letters) - shared:
-            b.axes.pin(letters[letter], f"attention width kept (attention_width=keep) at {node.name}")
+            b.axes.pin(letters[letter], f"attention width kept (attention_width=keep) at {node.name}", asked=True)
     return tuple(letters[letter] for letter in output)
 
 
@@ -312,8 +334,8 @@ def sdpa(b, node):
     broadcast_batch(b, node, k[:-2], v[:-2])
     if b.attention_width == "keep":
         reason = f"attention width kept (attention_width=keep) at {node.name}"
-        b.axes.pin(q[-1], reason)
-        b.axes.pin(v[-1], reason)
+        b.axes.pin(q[-1], reason, asked=True)
+        b.axes.pin(v[-1], reason, asked=True)
     else:
         scale = node.kwargs.get("scale")
         if isinstance(scale, float):
@@ -346,8 +368,35 @@ def norm_reduce(b, node):
 
 
 def create(b, node):
-    """Tensors made in the graph (zeros, arange, ...): new axes of fixed size."""
+    """Tensors made in the graph (arange, eye, ...): new axes of fixed size."""
     return b.fresh_tree(b.shapes.value(node), node.name, "created in the graph")
+
+
+def sized(first: int) -> CouplingRule:
+    """zeros/ones/full/empty/rand(sizes...) from args[first]: a size read from a tensor makes
+    the new axis follow that axis; literal sizes stay fixed."""
+    def rule(b, node):
+        spec = b.shapes.value(node)
+        if not isinstance(spec, TensorSpec):
+            return create(b, node)
+        arg = node.args[first] if len(node.args) > first else node.kwargs.get("size")
+        value = b.result.values.get(arg.name) if isinstance(arg, fx.Node) else None
+        if isinstance(arg, (list, tuple)):
+            sizes = list(arg)
+        elif isinstance(value, SizeValue) and not value.single:
+            sizes = list(value.exprs)
+        else:
+            sizes = list(node.args[first:])
+        out = []
+        for i, d in enumerate(spec.shape):
+            size = sizes[i] if len(sizes) == len(spec.shape) else None
+            known = b.result.values.get(size.name) if isinstance(size, fx.Node) else size
+            expr = known.exprs[0] if isinstance(known, SizeValue) and known.single else known
+            if isinstance(expr, (int, type(None))) or b.axes.original(expr) != d:
+                expr = b.axes.new(d, f"{node.name}[{i}]", "created in the graph")
+            out.append(expr)
+        return tuple(out)
+    return rule
 
 
 def getattr_rule(b, node):
@@ -373,17 +422,46 @@ def no_axes(b, node):
 
 
 def size_math(b, node):
-    """Arithmetic on sizes: the result depends on its source axes but is no single axis."""
+    """Arithmetic on sizes: ``C // n``, ``k * C``, ``C + k`` (and of two sizes) stay axis
+    expressions; anything else is a size computed from ``sources``."""
+    args = [b.result.values.get(a.name) if isinstance(a, fx.Node) else a for a in node.args]
     sources: List[Expr] = []
-    for arg in node.all_input_nodes:
-        value = b.result.values.get(arg.name)
+    for value in args:
         if isinstance(value, SizeValue):
             sources.extend(e for e in value.exprs if e is not None)
             sources.extend(value.sources)
-    return SizeValue((None,), tuple(sources)) if sources else None
+    if not sources:
+        return None
+    terms = [_size_expr(a) for a in args]
+    expr = _algebra(node.target, terms) if len(terms) == 2 and None not in terms else None
+    return SizeValue((expr,), tuple(sources))
+
+
+def _size_expr(value) -> Optional[Expr]:
+    if isinstance(value, SizeValue) and value.single:
+        return value.exprs[0]
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return Const(value)
+    return None
+
+
+def _algebra(target, terms) -> Optional[Expr]:
+    a, c = terms
+    if target is operator.floordiv and isinstance(c, Const) and c.value > 0:
+        return Const(a.value // c.value) if isinstance(a, Const) else (a if c.value == 1 else FloorDiv(a, c.value))
+    if target is operator.mul:
+        if isinstance(a, Const) and isinstance(c, Const):
+            return Const(a.value * c.value)
+        return c if a == Const(1) else a if c == Const(1) else Prod((a, c))
+    if target is operator.add:
+        if isinstance(a, Const) and isinstance(c, Const):
+            return Const(a.value + c.value)
+        return c if a == Const(0) else a if c == Const(0) else Sum((a, c))
+    return None
 
 
 def reads_sizes(b, node) -> bool:
+    """An op on sizes read from shapes that makes no tensor (``C // n_head``)."""
     return any(isinstance(b.result.values.get(a.name), SizeValue) for a in node.all_input_nodes) and \
-        not isinstance(b.shapes.value(node), TensorSpec)
+        not any(isinstance(v, TensorSpec) for v in pytree.tree_leaves(b.shapes.value(node)))
 

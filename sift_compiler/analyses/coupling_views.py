@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .axes import Const, Expr, Prod, Sum
-from .coupling_rules import Literal, SizeValue, dim_arg, on_tensor
+from .coupling_rules import Literal, SizeLink, SizeValue, dim_arg, on_tensor
 from .shapes import TensorSpec
 
 SizeArgs = Optional[List[Tuple[Any, Tuple[int, Optional[int]]]]]
@@ -69,17 +69,22 @@ def split(b, node, x):
     sizes = [o.shape[dim] for o in outs]
     arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
                                                                     node.kwargs.get("split_size"))
-    parts = _parts(b, node, x, dim, sizes, equal=isinstance(arg, int))
-    if isinstance(arg, int):
-        if len(set(sizes)) == 1:
-            b.result.literals.append(Literal(node.name, 1, None, parts[0], arg))
-        else:  # uneven last part: sizes cannot follow a widened axis
-            for part in parts:
-                b.axes.pin(part, f"uneven split at {node.name}")
+    size = b.result.values.get(arg.name) if isinstance(arg, fx.Node) else None
+    one_size = isinstance(arg, int) or isinstance(size, SizeValue) and size.single
+    parts = _parts(b, node, x, dim, sizes, equal=one_size)
+    if one_size and len(set(sizes)) > 1:  # uneven last part: sizes cannot follow a widened axis
+        for part in parts:
+            b.axes.pin(part, f"uneven split at {node.name}")
+    elif isinstance(arg, int):
+        b.result.literals.append(Literal(node.name, 1, None, parts[0], arg))
+    elif one_size:
+        b.links.append(SizeLink(node.name, 1, None, parts[0], size))
     elif isinstance(arg, (list, tuple)):
         for i, (value, part) in enumerate(zip(arg, parts)):
             if isinstance(value, int):
                 b.result.literals.append(Literal(node.name, 1, i, part, value))
+            elif isinstance(b.result.values.get(getattr(value, "name", None)), SizeValue):
+                b.links.append(SizeLink(node.name, 1, i, part, b.result.values[value.name]))
     return tuple(x[:dim] + (p,) + x[dim + 1:] for p in parts)
 
 
@@ -187,7 +192,7 @@ def _map_group(b, node, x, group_in, group_out, out, out_shape) -> None:
 
 
 def _link_sizes(b, node, out, size_args) -> None:
-    """Literal sizes must follow their axis; sizes read from tensors couple with them."""
+    """Literal sizes must follow their axis; sizes given by nodes are settled after the walk."""
     for position, (size, slot) in enumerate(size_args):
         if position >= len(out) or size is None:
             continue
@@ -195,15 +200,8 @@ def _link_sizes(b, node, out, size_args) -> None:
         if isinstance(size, int):
             if size != -1 and not isinstance(expr, Const):
                 b.result.literals.append(Literal(node.name, slot[0], slot[1], expr, size))
-        elif isinstance(size, fx.Node):
-            value = b.result.values.get(size.name)
-            if isinstance(value, SizeValue) and value.single and value.exprs[0] is not None:
-                b.axes.unify(expr, value.exprs[0], node.name)
-            elif isinstance(value, SizeValue):
-                reason = f"size computed from other axes at {node.name}"
-                b.axes.pin(expr, reason)
-                for source in value.sources:
-                    b.axes.pin(source, reason)
+        elif isinstance(size, fx.Node) and isinstance(b.result.values.get(size.name), SizeValue):
+            b.links.append(SizeLink(node.name, slot[0], slot[1], expr, b.result.values[size.name]))
 
 
 # -- moving axes ---------------------------------------------------------------------------
@@ -243,12 +241,18 @@ def squeeze(b, node, x):
 
 @on_tensor("expand")
 def expand(b, node, x):
+    """expand(x, sizes): kept axes pass (their literal sizes follow them), expanded ones are new."""
     out_shape, in_shape = b.shapes[node].shape, b.shapes[node.args[0]].shape
     lead = len(out_shape) - len(x)
     out = [b.axes.new(d, node.name, "expanded") for d in out_shape[:lead]]
     for axis, (expr, size) in enumerate(zip(x, in_shape)):
         out.append(expr if size == out_shape[lead + axis] else
                    b.axes.new(out_shape[lead + axis], node.name, "expanded"))
+    args = node.args[1:]
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        _link_sizes(b, node, out, [(size, (1, i)) for i, size in enumerate(args[0])])
+    elif all(isinstance(a, (int, fx.Node)) for a in args) and len(args) == len(out):
+        _link_sizes(b, node, out, [(size, (1 + i, None)) for i, size in enumerate(args)])
     return tuple(out)
 
 

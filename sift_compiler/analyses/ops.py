@@ -71,9 +71,8 @@ _COMPARE = ("eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "lo
             "bitwise_and", "bitwise_or", "bitwise_not", "isnan", "isinf", "isfinite", "__and__", "__or__")
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "prod", "std", "var", "logsumexp", "all", "any", "nansum",
                "nanmean", "argmax", "argmin")
-_CREATE = ("arange", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "new_ones", "new_zeros",
-           "new_full", "new_empty", "zeros_like", "ones_like", "full_like", "empty_like", "rand_like",
-           "randn_like", "scalar_tensor", "tensor", "lift_fresh_copy", "linspace", "eye")
+_CREATE = ("arange", "randint", "scalar_tensor", "tensor", "lift_fresh_copy", "linspace", "eye")
+_LIKE = ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like")
 _POOLS = ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d",
           "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
           "_adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")
@@ -182,6 +181,9 @@ ROWS = [
     ("size", C.size, R.FREE, named("size", "sym_size")),
     ("size", C.no_axes, R.FREE, named("dim", "numel", "sym_numel")),
     ("create", C.create, R.FREE, named(*_CREATE)),
+    ("create", C.sized(0), R.FREE, named("zeros", "ones", "empty", "full", "rand", "randn")),
+    ("create", C.sized(1), R.FREE, named("new_zeros", "new_ones", "new_empty", "new_full")),
+    ("create", C.passthrough, R.FREE, named(*_LIKE)),
     ("assert", C.no_axes, R.FREE, named("_assert_tensor_metadata", "_assert_async", "_assert")
      + [torch._assert]),
 ]

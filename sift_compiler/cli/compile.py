@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=1, help="Sparse Wide: round widened channels to this multiple")
     p.add_argument("--attention-width", choices=("keep", "scale"), default="keep",
                    help="Sparse Wide on attention: keep heads x head_dim (paper), or scale it with d_model")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 2) when the transform cannot be applied as asked, instead of warning")
     p.add_argument("--max-layers", type=int, default=None, help="print at most this many layer rows")
     p.add_argument("--quiet", "-q", action="store_true", help="print no report")
     p.add_argument("--verbose", "-v", action="store_true", help="log details and show tracebacks")
@@ -79,7 +81,8 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     result = sift_compile(source.module, args.transform, sparsity, source.args, source.kwargs, seed=args.seed,
                           keep_dense=args.keep_dense, activation=args.activation, linear_norm=args.linear_norm,
                           round_to=args.round_to,
-                          attention_width=args.attention_width, progress=sys.stderr if args.verbose else None,
+                          attention_width=args.attention_width, strict=args.strict,
+                          progress=sys.stderr if args.verbose else None,
                           model_name=args.model,
                           source={"spec": args.model, "family": source.family, "weights": args.weights})
     if not args.quiet:
