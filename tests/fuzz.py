@@ -42,12 +42,12 @@ def run(transform: str, examples: int, seed: int, workdir: str, failures: list) 
               suppress_health_check=list(HealthCheck))
     @given(fm.cases())
     def one(case):
-        spec, sparsity, width, model_seed = case
-        outcome = fm.check(spec, transform, sparsity, workdir, model_seed, width)
+        spec, sparsity, options, model_seed = case
+        outcome = fm.check(spec, transform, sparsity, workdir, model_seed, options)
         outcomes.append(outcome)
         if outcome.failed:
             failures.append({"transform": transform, "kind": outcome.kind, "detail": outcome.detail, "spec": spec,
-                             "sparsity": sparsity, "attention_width": width, "seed": model_seed})
+                             "sparsity": sparsity, "options": options, "seed": model_seed})
             print(f"[{transform}] FAIL {outcome.kind}: {outcome.detail[:300]}\n    case: {json.dumps(failures[-1])}",
                   flush=True)
         if len(outcomes) % 25 == 0:

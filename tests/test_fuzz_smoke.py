@@ -11,6 +11,6 @@ from fuzz_models import TRANSFORMS, cases, check
 @settings(max_examples=20, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=cases(), transform=st.sampled_from(TRANSFORMS))
 def test_random_models_pass_every_check(case, transform, tmp_path_factory):
-    spec, sparsity, width, seed = case
-    outcome = check(spec, transform, sparsity, str(tmp_path_factory.mktemp("fuzz")), seed, width)
+    spec, sparsity, options, seed = case
+    outcome = check(spec, transform, sparsity, str(tmp_path_factory.mktemp("fuzz")), seed, options)
     assert not outcome.failed, f"{outcome.kind}: {outcome.detail}\ncase = {case!r}"
