@@ -21,9 +21,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ..sparsity.layers import MaskedLayer
+from ..sparsity.layers import MaskedLayer, mask_nnz
 from .shapes import ShapeMap, TensorSpec
 
 
@@ -39,17 +38,6 @@ class Cost:
 
 
 FlopRule = Callable[[fx.GraphModule, fx.Node, ShapeMap], Cost]
-_NNZ_CACHE = WeakIdKeyDictionary()  # mask tensor -> (version, non-zeros)
-
-
-def mask_nnz(mask: torch.Tensor) -> int:
-    """Non-zeros of a mask, cached until the tensor is modified in place (its version changes)."""
-    cached = _NNZ_CACHE.get(mask)
-    if cached is not None and cached[0] == mask._version:
-        return cached[1]
-    count = int(torch.count_nonzero(mask))
-    _NNZ_CACHE[mask] = (mask._version, count)
-    return count
 
 
 def _numel(spec) -> int:

@@ -23,6 +23,8 @@ from .rewrite import LayerRewritePass, fan, round_to_multiple
 class DopedLayer(nn.Module):
     """M x + V U x."""
 
+    traced_by_structure = True  # forward depends on its submodules only (graph_edit)
+
     def __init__(self, m: nn.Module, u: nn.Module, v: nn.Module) -> None:
         super().__init__()
         self.m, self.u, self.v = m, u, v

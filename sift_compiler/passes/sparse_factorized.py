@@ -23,6 +23,8 @@ from .rewrite import LayerRewritePass, fan, model_activation, round_to_multiple,
 class FactorizedLayer(nn.Module):
     """V sigma(U x)."""
 
+    traced_by_structure = True  # forward depends on which submodules exist only (graph_edit)
+
     def __init__(self, u: nn.Module, norm: Optional[nn.Module], act: nn.Module, v: nn.Module) -> None:
         super().__init__()
         self.u, self.norm, self.act, self.v = u, norm, act, v

@@ -38,6 +38,8 @@ class SparseBranch(nn.Module):
 class ParallelBranches(nn.Module):
     """sum_j sigma(W_j x) over its branches."""
 
+    traced_by_structure = True  # forward depends on the branch count only (graph_edit)
+
     def __init__(self, branches: List[SparseBranch]) -> None:
         super().__init__()
         self.branches = nn.ModuleList(branches)

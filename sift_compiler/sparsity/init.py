@@ -15,7 +15,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from .layers import iter_masked
+from .layers import iter_masked, remember_nnz
 
 
 def exact_count(density: float, numel: int) -> int:
@@ -65,10 +65,14 @@ def init_masks(module: nn.Module, seed: int = 0, only_fresh: bool = True) -> Dic
         if layer.target_density < 1.0 and (pending or not only_fresh or bool(layer.weight_mask.all())):
             mask = random_mask(tuple(layer.weight.shape), layer.target_density, layer_generator(seed, name))
             if pending:  # the weights are drawn, and masked, below
-                layer.weight_mask.copy_(mask)
+                layer.install_mask(mask.to(layer.weight.device))
             else:
                 layer.set_mask(mask.to(layer.weight.device))
             drawn[name] = exact_count(layer.target_density, mask.numel())
+            remember_nnz(layer.weight_mask, drawn[name])
+        elif pending:  # a dense layer waiting for its weights: its mask is all ones
+            layer.weight_mask.fill_(True)
+            remember_nnz(layer.weight_mask, layer.weight_mask.numel())
         if pending:
             layer.init_on_mask(layer_generator(seed, name, stream=1))
             drawn.setdefault(name, layer.weight.numel())
