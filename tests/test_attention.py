@@ -172,3 +172,11 @@ def test_shortfall_warns_in_one_line_or_fails_with_strict():
     with warnings.catch_warnings():
         warnings.simplefilter("error", SiftWarning)
         sift.compile(Rolled(), "parallel", 0.75, (x,))   # nothing to complain about
+
+
+def test_nothing_to_transform_is_said():
+    """Only a first and a last layer: every weight layer stays dense, and the user hears it."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.warns(SiftWarning, match="no layer could be transformed"):
+        result = sift.compile(model, "parallel", 0.75, (torch.randn(2, 8),))
+    assert all(layer.kept_dense for layer in result.report.layers)

@@ -8,9 +8,10 @@ other layers exist or on the order they are visited.
 from __future__ import annotations
 
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Optional, Tuple
 
 import numpy as np
-from typing import Dict
 
 import torch
 import torch.nn as nn
@@ -57,23 +58,42 @@ def init_masks(module: nn.Module, seed: int = 0, only_fresh: bool = True) -> Dic
 
     ``only_fresh`` leaves layers that already carry a mask (not all ones) alone. Layers built
     under `deferred_init` then get their weights (`MaskedLayer.init_on_mask`), from a generator
-    seeded by (seed, layer name): the same weights for the same seed, in any process.
+    seeded by (seed, layer name): the same weights for the same seed, in any process. Each layer
+    has its own streams, so layers are drawn on ``torch.get_num_threads()`` threads (NumPy draws
+    without the GIL) with the same result as one after the other.
     """
-    drawn = {}
-    for name, layer in sorted(iter_masked(module), key=lambda item: item[0]):
-        pending = layer.init_pending
-        if layer.target_density < 1.0 and (pending or not only_fresh or bool(layer.weight_mask.all())):
-            mask = random_mask(tuple(layer.weight.shape), layer.target_density, layer_generator(seed, name))
-            if pending:  # the weights are drawn, and masked, below
-                layer.install_mask(mask.to(layer.weight.device))
-            else:
-                layer.set_mask(mask.to(layer.weight.device))
-            drawn[name] = exact_count(layer.target_density, mask.numel())
-            remember_nnz(layer.weight_mask, drawn[name])
-        elif pending:  # a dense layer waiting for its weights: its mask is all ones
-            layer.weight_mask.fill_(True)
-            remember_nnz(layer.weight_mask, layer.weight_mask.numel())
-        if pending:
-            layer.init_on_mask(layer_generator(seed, name, stream=1))
-            drawn.setdefault(name, layer.weight.numel())
+    layers = sorted(iter_masked(module), key=lambda item: item[0])
+    total = sum(layer.weight.numel() for _, layer in layers)
+    workers = min(torch.get_num_threads(), len(layers)) if total >= _THREADED_FROM else 1
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            drawn = list(pool.map(lambda item: _init_layer(*item, seed, only_fresh), layers))
+    else:
+        drawn = [_init_layer(name, layer, seed, only_fresh) for name, layer in layers]
+    for (name, layer), count in zip(layers, drawn):
+        if count is not None:
+            remember_nnz(layer.weight_mask, count[1])
+    return {name: count[0] for (name, _), count in zip(layers, drawn) if count is not None}
+
+
+_THREADED_FROM = 1 << 20  # weights in all: below this, threads cost more than they save
+
+
+def _init_layer(name: str, layer, seed: int, only_fresh: bool) -> Optional[Tuple[int, int]]:
+    """Draw one layer's mask (and its weights if pending): (reported count, mask non-zeros), or None."""
+    pending = layer.init_pending
+    drawn = None
+    if layer.target_density < 1.0 and (pending or not only_fresh or bool(layer.weight_mask.all())):
+        mask = random_mask(tuple(layer.weight.shape), layer.target_density, layer_generator(seed, name))
+        if pending:  # the weights are drawn, and masked, below
+            layer.install_mask(mask.to(layer.weight.device))
+        else:
+            layer.set_mask(mask.to(layer.weight.device))
+        count = exact_count(layer.target_density, mask.numel())
+        drawn = (count, count)
+    elif pending:  # a dense layer waiting for its weights: its mask is all ones
+        layer.weight_mask.fill_(True)
+    if pending:
+        layer.init_on_mask(layer_generator(seed, name, stream=1))
+        drawn = drawn or (layer.weight.numel(), layer.weight_mask.numel())
     return drawn
