@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from sift_compiler.analyses import shapes

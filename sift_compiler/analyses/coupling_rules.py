@@ -186,8 +186,10 @@ def channel_norm(b, node, x):
     for t in _tensor_args(b, node):
         if len(t) == 1:
             b.axes.unify(x[1], t[0], node.name)
-    groups = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], int) else None
-    if groups and "group_norm" in getattr(node.target, "__name__", str(node.target)):
+    name = getattr(node.target, "__name__", str(node.target))
+    position = 6 if "native_group_norm" in name else 1  # (x, weight, bias, N, C, HxW, group, eps)
+    groups = node.args[position] if len(node.args) > position else None
+    if isinstance(groups, int) and "group_norm" in name:
         b.axes.require_multiple(x[1], groups)
     return _with_statistics(b, node, x)
 

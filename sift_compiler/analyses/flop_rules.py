@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
