@@ -142,6 +142,21 @@ def test_timm_style_attention_widens_fully():
     assert result.module(idx).shape == (2, T, VOCAB)
 
 
+GPT2 = "transformers:gpt2,n_layer=1,n_embd=64,n_head=4,vocab_size=128,n_positions=64"
+
+
+@pytest.mark.parametrize("width, inner", [("keep", 64), ("scale", 128)])
+def test_hugging_face_gpt2_widens_fully(width, inner):
+    """transformers' GPT-2 (fused c_attn split in three, heads from views): no shortfall either way."""
+    source = load_model(GPT2, input_shape=(1, 16))
+    result = sift.compile(source.module, "wide", 0.75, source.args, source.kwargs, attention_width=width,
+                          strict=True)
+    attn = result.module.get_submodule("transformer.h.0.attn")
+    assert attn.c_attn.in_features == 128 and attn.c_attn.out_features == 3 * inner
+    assert attn.c_proj.in_features == inner and attn.c_proj.out_features == 128
+    assert result.module(**source.kwargs).logits.shape == (1, 16, 128)
+
+
 LLAMA = ("transformers:llama,hidden_size=64,intermediate_size=256,num_attention_heads=4,num_key_value_heads=2,"
          "num_hidden_layers=1,vocab_size=128,max_position_embeddings=64")
 
