@@ -92,7 +92,7 @@ ROWS = [
     ("conv_transpose", None, R.weight_module, [nn.modules.conv._ConvTransposeNd]),
     ("conv", C.conv_module, R.weight_module, [nn.modules.conv._ConvNd]),
     ("embedding", C.embedding_module, R.FREE_EMBEDDING, [nn.Embedding]),
-    ("embedding_bag", None, R.embedding_bag, [nn.EmbeddingBag]),
+    ("embedding", None, R.embedding_bag, [nn.EmbeddingBag]),  # a weight layer; its bags have no coupling rule
     ("linear", C.functional_linear, R.functional_linear, named("linear")),
     ("conv", None, R.functional_conv, named("conv1d", "conv2d", "conv3d", "convolution")),
     ("embedding", C.functional_embedding, R.FREE_EMBEDDING, [F.embedding]),
