@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export NM_DISABLE_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench fuzz clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,9 @@ demo: venv
 bench: venv
 	$(PY) benchmarks/compile_time.py
 
+# Not part of `make test`: 1,000 random models per transform, every check (about 2 hours on 2 cores).
+fuzz: venv
+	$(PY) tests/fuzz.py --examples 1000 --failures fuzz-failures.json
+
 clean:
-	rm -rf $(VENV) build *.egg-info demo-out
+	rm -rf $(VENV) build *.egg-info demo-out fuzz-failures.json

@@ -3,6 +3,8 @@
 For each model: t_compile = sift.compile(model, T, 0.75, inputs); t_base = a plain capture of the
 model with the tracer it needs (torch.fx.symbolic_trace; torch.export.export for transformers 5.x,
 which fx cannot trace) plus one forward pass of the dense model. Target: t_compile / t_base <= 3.
+Both are measured interleaved (base, compile, base, compile...) after one warm-up, best of
+--repeats, in wall and in CPU seconds: on a shared machine the ratio of one run is what compares.
 
     python benchmarks/compile_time.py [--transform parallel] [--repeats 3]
 """
@@ -13,6 +15,7 @@ import os
 import platform
 import time
 import warnings
+from typing import Tuple
 
 import torch
 
@@ -26,22 +29,31 @@ MODELS = {
 }
 
 
-def baseline(source) -> float:
+def timed(fn) -> Tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def baseline(source) -> None:
     model = source.module.eval()
-    start = time.perf_counter()
     if source.family == "transformers":
         torch.export.export(model, (), source.kwargs, strict=False)
     else:
         torch.fx.symbolic_trace(model)
     with torch.no_grad():
         model(*source.args, **source.kwargs)
-    return time.perf_counter() - start
 
 
-def compile_time(source, transform: str) -> float:
-    start = time.perf_counter()
-    sift.compile(source.module, transform, 0.75, source.args, source.kwargs)
-    return time.perf_counter() - start
+def measure(source, transform: str, repeats: int) -> Tuple[Tuple[float, float], Tuple[float, float]]:
+    """(best base (wall, cpu), best compile (wall, cpu)), interleaved after a warm-up."""
+    timed(lambda: baseline(source))
+    bases, compiles = [], []
+    for _ in range(repeats):
+        bases.append(timed(lambda: baseline(source)))
+        compiles.append(timed(lambda: sift.compile(source.module, transform, 0.75, source.args, source.kwargs)))
+    best = lambda runs: (min(r[0] for r in runs), min(r[1] for r in runs))  # noqa: E731
+    return best(bases), best(compiles)
 
 
 def main() -> None:
@@ -53,13 +65,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; transform {args.transform}, s = 0.75")
-    print(f"{'model':<10}{'capture+forward s':>20}{'sift.compile s':>16}{'ratio':>8}")
+    print(f"{'model':<10}{'capture+forward s':>20}{'sift.compile s':>16}{'ratio':>8}{'CPU ratio':>11}")
     for name in args.models:
         spec, shape = MODELS[name]
         source = load_model(spec, input_shape=shape)
-        base = min(baseline(source) for _ in range(args.repeats))
-        sift_time = min(compile_time(source, args.transform) for _ in range(args.repeats))
-        print(f"{name:<10}{base:>20.2f}{sift_time:>16.2f}{sift_time / base:>8.2f}", flush=True)
+        (base, base_cpu), (sift_time, sift_cpu) = measure(source, args.transform, args.repeats)
+        print(f"{name:<10}{base:>20.3f}{sift_time:>16.2f}{sift_time / base:>8.2f}{sift_cpu / base_cpu:>11.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from .native import OUTPUTS, build_native, check_native
 from .passes.base import ProgressInstrument, TimingInstrument
 from .pipelines import TRANSFORM_PIPELINES, get_pipeline
 from .report import FlopReport, build_report
+from .shortfall import check_as_asked
 from .unit import CompilationUnit
 
 
@@ -67,7 +68,8 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
             round_to: int = 1, attention_width: str = "keep", capture_method: str = "auto",
             progress: Optional[TextIO] = None, model_name: str = "", source: Optional[Dict[str, Any]] = None,
             output: str = "auto", budget: str = "flops", capacity: Optional[float] = None,
-            runtime: Optional[str] = None, latency: Optional[Any] = None) -> CompileResult:
+            runtime: Optional[str] = None, latency: Optional[Any] = None,
+            strict: bool = False) -> CompileResult:
     """Capture ``model`` and rewrite it with a Sparse-IFT transform at equal FLOPs.
 
     >>> import sift_compiler as sift, torch, torchvision
@@ -79,7 +81,9 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
 
     ``transform``: "none" (dense baseline), "parallel", "factorized", "doped" or "wide";
     ``sparsity``: s in [0, 1). ``seed`` fixes the masks and every new weight (the caller's torch
-    RNG state is neither used nor advanced). The user's ``model`` is not modified.
+    RNG state is neither used nor advanced). The user's ``model`` is not modified. A transform that
+    could not be applied as asked (layers kept at width, s' far from s: see `shortfall`) warns with
+    a `SiftWarning`; ``strict=True`` makes it a `ShortfallError`.
     ``output``: "auto" returns a new object of the model's own class with the rewritten modules
     in it whenever that computes exactly what the graph computes (`native`), else the graph form
     with a note saying why; "native" raises `UserInputError` instead of falling back; "graph"
@@ -97,12 +101,13 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
         from .latency import compile_for_latency
         options = dict(seed=seed, keep_dense=keep_dense, activation=activation, linear_norm=linear_norm,
                        round_to=round_to, attention_width=attention_width, capture_method=capture_method,
-                       model_name=model_name, source=source, output=output)
+                       model_name=model_name, source=source, output=output, strict=strict)
         return compile_for_latency(model, transform, sparsity, example_inputs, example_kwargs, runtime, latency,
                                    options, log=progress)
     config = CompileConfig(transform=transform, sparsity=sparsity, seed=seed, keep_dense=tuple(keep_dense),
                            activation=activation, linear_norm=linear_norm, round_to=round_to,
-                           attention_width=attention_width, capacity=capacity, budget=budget)
+                           attention_width=attention_width, capacity=capacity, budget=budget,
+                           strict=strict)
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     timing = TimingInstrument()
     captured = capture(model, args, kwargs, method=capture_method)
@@ -120,6 +125,7 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipeline.run(unit)
+    check_as_asked(unit)  # warns, or raises with strict=True
     name = model_name or type(model).__name__
     module, chosen = unit.module, "graph"
     if output != "graph":

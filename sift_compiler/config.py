@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from .errors import UserInputError
@@ -44,7 +44,7 @@ class CompileConfig:
     attention_width: str = "keep"     # Sparse Wide on attention: keep heads x head_dim, or scale
     capacity: Optional[float] = None  # the transform's size, overriding the iso-FLOP formula (see above)
     budget: str = "flops"             # "flops": iso-FLOP compensation; "latency": sparse layers stay at s
-    extra: Tuple[Tuple[str, object], ...] = field(default_factory=tuple)
+    strict: bool = False              # a transform not applied as asked is an error, not a warning
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity, allow_zero=True)

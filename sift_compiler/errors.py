@@ -64,6 +64,12 @@ class VerificationFailed(ExportError):
     """An exported file failed a check and was not written: the CLIs exit 1 (a failed check), not 2."""
 
     exit_status = 1
+class ShortfallError(SiftError):
+    """With ``strict=True``: the transform could not be applied as asked (see `shortfall`)."""
+
+
+class SiftWarning(UserWarning):
+    """A transform not applied as asked (see `shortfall`); the CLI prints it as one line."""
 
 
 def describe_node(node: fx.Node) -> str:

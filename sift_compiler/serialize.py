@@ -116,7 +116,9 @@ def _compile_from_plan(plan: Dict[str, Any], dense: nn.Module):
     from .api import compile
     args = [_make_input(a, dense) for a in plan["inputs"]["args"]]
     kwargs = {k: _make_input(v, dense) for k, v in plan["inputs"]["kwargs"].items()}
-    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(plan["config"]).items()}
+    cfg = dict(plan["config"])
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()
+           if k in CompileConfig.__dataclass_fields__}  # files from older versions may carry removed options
     config = CompileConfig(**cfg)
     return compile(dense, config.transform, config.sparsity, tuple(args), kwargs, seed=config.seed,
                    keep_dense=config.keep_dense, activation=config.activation, linear_norm=config.linear_norm,

@@ -1,24 +1,8 @@
 """Helpers for tests of passes and exporters (ours and users')."""
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import torch
 import torch.nn as nn
-import torch.utils._pytree as pytree
-
-from .api import CompileResult
-
-
-def output_tensors(module: nn.Module, args: Sequence[Any] = (), kwargs=None) -> list:
-    """The tensors a module returns, flattened (ModelOutput, tuples and dicts included)."""
-    out = module(*args, **(kwargs or {}))
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def assert_iso_flop(result: CompileResult, tolerance: float = 0.005) -> None:
-    ratio = result.report.flop_ratio
-    assert abs(ratio - 1) <= tolerance, f"sift/dense weight FLOPs = {ratio:.5f}, outside 1 +- {tolerance}"
 
 
 def assert_masks_exact(module: nn.Module) -> None:

@@ -22,9 +22,10 @@ def tensors(out):
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def independent_weight_flops(module: nn.Module, args, kwargs) -> float:
+def independent_weight_flops(module: nn.Module, args, kwargs, by_mask: bool = False) -> float:
     """Weight-layer FLOPs per sample by torch's own FlopCounterMode (shape-based, dense), each masked
-    layer scaled by the fraction of its effective weight that is non-zero (counted on the tensors)."""
+    layer scaled by the fraction of its effective weight that is non-zero (counted on the tensors;
+    ``by_mask``: the fraction of its mask that is set)."""
     counter = FlopCounterMode(display=False)
     module.eval()
     with torch.no_grad(), counter:
@@ -37,7 +38,7 @@ def independent_weight_flops(module: nn.Module, args, kwargs) -> float:
             continue
         flops = sum(counts.get(f"{root}.{name}", {}).values())
         if isinstance(layer, MaskedLayer):  # count the zeros in the weights the layer computes with
-            weight = layer.masked_weight()
+            weight = layer.weight_mask if by_mask else layer.masked_weight()
             flops = flops * int(torch.count_nonzero(weight)) / weight.numel()
         total += flops  # dense layers count dense, even where a weight happens to be 0
     batch = tensors((args, kwargs))[0].shape[0]

@@ -88,7 +88,8 @@ def test_pickle_refused_without_trust(tmp_path, capsys):
     code, _, err = run([str(path), "--sparsity", "0.5", "--input-shape", "2,8"], capsys)
     assert code == 2 and "--trust-pickle" in err and "runs code" in err
     code, out, err = run([str(path), "--sparsity", "0.5", "--input-shape", "2,8", "--trust-pickle"], capsys)
-    assert code == 0, err and "iso-FLOP" in out
+    assert code == 0, err
+    assert "iso-FLOP ratio" in out
 
 
 def test_state_dict_file_says_what_to_pass(tmp_path, capsys):
@@ -118,3 +119,16 @@ def test_console_script_installed():
     out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "sift-compile"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--transform" in out and "--trust-pickle" in out
+
+
+def test_shortfall_is_one_warning_line_and_strict_makes_it_exit_2(tmp_path, capsys, monkeypatch):
+    """Sparse Wide on a model whose channel group passes torch.roll (no coupling rule)."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["test_sparse_wide:Rolled", "-t", "wide", "-s", "0.75", "--input-shape", "1,3,16,16", "-q"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and warned[0].startswith("sift-compile: warning: wide at s = 0.75 not applied as asked")
+    code, _, err = run(argv + ["--strict", "--report", "r.json"], capsys)
+    assert code == 2 and "sift-compile: error: wide at s = 0.75 not applied as asked" in err
+    assert os.listdir(tmp_path) == []

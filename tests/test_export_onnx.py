@@ -25,16 +25,11 @@ from sift_compiler.exporters.forms import DEFAULT_FORM, apply_form
 from sift_compiler.exporters.onnx import export_onnx
 from sift_compiler.exporters.runtimes import open_engine
 from sift_compiler.exporters.weights import layers_from_metadata, weight_arrays
-from sift_compiler.pipelines import TRANSFORM_PIPELINES, pipeline_names
 from sift_compiler.sparsity.layers import MaskedConv2d, iter_masked
 
 ALL_CHECKS = {"onnx-checker", "sparsity", "onnxruntime-vs-torch", "onnxruntime-other-shape", "deepsparse-compiles",
               "deepsparse-vs-onnxruntime"}
 TRANSFORMS = ["none", "parallel", "factorized", "doped", "wide"]
-
-
-def _available(transform: str) -> bool:
-    return TRANSFORM_PIPELINES[transform] in pipeline_names()
 
 
 _EXPORTS = {}
@@ -55,8 +50,6 @@ def resnet18_export(transform: str, tmp_path_factory):
 @pytest.mark.deepsparse
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_every_transform_of_resnet18_exports_verified(tmp_path_factory, transform):
-    if not _available(transform):
-        pytest.skip(f"transform {transform!r} is not in this build yet")
     result, info, x = resnet18_export(transform, tmp_path_factory)
     verification = info.verification
     assert verification.ok, verification.table()
@@ -157,8 +150,6 @@ def bert():
 @pytest.mark.deepsparse
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_every_transform_of_a_transformer_exports_verified(bert, transform, tmp_path):
-    if not _available(transform):
-        pytest.skip(f"transform {transform!r} is not in this build yet")
     result = sift.compile(bert.module, transform, 0.75 if transform != "none" else 0.0, bert.args, bert.kwargs)
     info = export_onnx(result.module, bert.args, str(tmp_path / "bert.onnx"), bert.kwargs, deepsparse="require")
     assert info.verification.ok, info.verification.table()

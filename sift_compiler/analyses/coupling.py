@@ -1,7 +1,8 @@
 """ChannelCouplingAnalysis: which tensor dimensions must keep the same size (for Sparse Wide).
 
 Torch-Pruning's DepGraph used the other way round. Every axis of every value gets an axis
-expression (`analyses.axes`); each op's rule unifies the axes it couples:
+expression (`analyses.axes`); the coupling rule of each op (its row in `ops`) unifies the axes it
+couples:
 
 ==================  =================================================================
 Linear              input[-1] = in_features; output[-1] = out_features
@@ -33,31 +34,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import describe_node
-from .axes import AxisGraph, Const, Expr
+from .axes import AxisGraph, Expr, FloorDiv, Sym
+from .coupling_rules import Literal, SizeLink, SizeValue, reads_sizes, size_math
 from .manager import Analysis
-from .ops import op_kind, op_name
+from .ops import lookup, op_name
 from .shapes import ShapeAnalysis, ShapeMap, TensorSpec
 
-
-@dataclass(frozen=True)
-class SizeValue:
-    """An int (or tuple of ints) read from tensor shapes: ``expr`` when it is exactly one axis,
-    None when it was computed (then ``sources`` lists the axes it depends on)."""
-
-    exprs: Tuple[Optional[Expr], ...]
-    sources: Tuple[Expr, ...] = ()
-    single: bool = True
-
-
-@dataclass
-class Literal:
-    """A constant size argument of a node that must follow an axis: node.args[index][slot]."""
-
-    node: str
-    index: int
-    slot: Optional[int]
-    expr: Expr
-    value: int
+__all__ = ["ChannelCouplingAnalysis", "CouplingResult", "Literal", "SizeValue", "analyze_coupling", "getattr_path"]
 
 
 @dataclass
@@ -73,15 +56,6 @@ class CouplingResult:
     notes: List[str] = field(default_factory=list)
 
 
-COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not",
-               "__and__", "__or__", "bitwise_and", "bitwise_or", "isnan", "isinf"}
-PASSTHROUGH = {"identity", "dropout", "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish",
-               "hardsigmoid", "mish", "leaky_relu", "elu", "softmax", "neg", "abs", "sqrt", "exp", "log",
-               "assert", "contiguous", "clamp", "erf", "type_as"}
-_CLAMPS = {"clamp", "clamp_min", "clamp_max", "clip", "erf", "masked_fill", "where", "lerp", "float", "half",
-           "bfloat16", "to", "_to_copy", "copy", "triu", "tril", "round", "floor", "ceil", "sign",
-           "reciprocal", "square", "cos", "sin", "log1p", "softplus", "dropout_", "rsub", "maximum", "minimum"}
-
 
 class _Builder:
     def __init__(self, gm: fx.GraphModule, shapes: ShapeMap, attention_width: str) -> None:
@@ -89,6 +63,7 @@ class _Builder:
         self.axes = AxisGraph()
         self.result = CouplingResult(self.axes, {}, {}, {})
         self._param_ids: Dict[int, Tuple[Expr, ...]] = {}
+        self.links: List[SizeLink] = []
 
     # -- helpers -------------------------------------------------------------------------
     def fresh(self, spec: Optional[TensorSpec], label: str, pinned: Optional[str] = None) -> Tuple[Expr, ...]:
@@ -113,18 +88,31 @@ class _Builder:
         spec = self.shapes.value(node)
         if isinstance(spec, TensorSpec) and spec.dtype.is_floating_point:
             self.result.notes.append(f"kept at width: {reason}")
-        return _fresh_tree(self, spec, node.name, reason)
+        return self.fresh_tree(spec, node.name, reason)
+
+    def fresh_tree(self, spec: Any, label: str, pinned: Optional[str]) -> Any:
+        if isinstance(spec, TensorSpec):
+            return self.fresh(spec, label, pinned)
+        if isinstance(spec, (tuple, list)):
+            return tuple(self.fresh_tree(s, label, pinned) for s in spec)
+        return None
 
     # -- the walk ------------------------------------------------------------------------
     def run(self) -> CouplingResult:
         for node in self.gm.graph.nodes:
             self.result.values[node.name] = self.visit(node)
+        while self.axes.propagate_pins():
+            pass
+        for link in self.links:
+            settle(self.axes, link, self.result.literals)
         return self.result
 
     def visit(self, node: fx.Node) -> Any:
-        spec = self.shapes[node]
         if node.op == "placeholder":
-            return _fresh_tree(self, self.shapes.value(node), node.name, "model input")
+            value = self.fresh_tree(self.shapes.value(node), node.name, "model input")
+            for expr in _flatten(value):
+                self.axes.mark_varying(expr)
+            return value
         if node.op == "output":
             for value in _flatten_nodes(node.args[0]):
                 for expr in _flatten(self.result.values.get(value.name)):
@@ -132,14 +120,19 @@ class _Builder:
             return None
         if node.op == "get_attr":
             return self.param(node)
-        if node.op == "call_module":
-            return self.module(node)
-        if spec is not None and not spec.dtype.is_floating_point and not self._keeps_axes(node):
-            return _fresh_tree(self, self.shapes.value(node), node.name, "integer tensor")
-        return self.function(node)
-
-    def _keeps_axes(self, node: fx.Node) -> bool:
-        return op_name(node) in COMPARISONS
+        spec, value = lookup(self.gm, node), self.shapes.value(node)
+        if node.op != "call_module":
+            if isinstance(value, TensorSpec) and not value.dtype.is_floating_point \
+                    and (spec is None or spec.kind != "compare"):
+                return self.fresh_tree(value, node.name, "integer tensor")
+            if (spec is None or spec.kind not in ("size", "getitem")) \
+                    and (not isinstance(value, (TensorSpec, tuple, list)) or reads_sizes(self, node)):
+                return size_math(self, node)  # ints computed from shapes
+        if spec is None or spec.coupling is None:
+            what = f"module {type(self.gm.get_submodule(str(node.target))).__name__}" if node.op == "call_module" \
+                else op_name(node)
+            return self.opaque(node, f"no coupling rule for {what}")
+        return spec.coupling(self, node)
 
     def param(self, node: fx.Node) -> Any:
         value = getattr_path(self.gm, str(node.target))
@@ -154,84 +147,61 @@ class _Builder:
         self.result.params[str(node.target)] = axes
         return axes
 
-    # -- modules ---------------------------------------------------------------------------
     def module_axes(self, path: str, make) -> Dict[str, Any]:
         if path not in self.result.modules:
             self.result.modules[path] = make()
         return self.result.modules[path]
 
-    def module(self, node: fx.Node) -> Any:
-        path = str(node.target)
-        module = self.gm.get_submodule(path)
-        kind = op_kind(self.gm, node)
-        x = self.axes_of(node.args[0]) if node.args else None
-        if x is None:
-            return self.opaque(node, f"module {type(module).__name__} with a non-tensor input")
-        new = self.axes.new
-        if kind == "linear":
-            m = self.module_axes(path, lambda: {"in": new(module.in_features, f"{path}.in"),
-                                                "out": new(module.out_features, f"{path}.out")})
-            self.axes.unify(x[-1], m["in"], path)
-            return x[:-1] + (m["out"],)
-        if kind == "conv":
-            def make():
-                cin = new(module.in_channels, f"{path}.in")
-                depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
-                cout = cin if depthwise else new(module.out_channels, f"{path}.out")
-                if module.groups > 1 and not depthwise:
-                    self.axes.require_multiple(cin, module.groups)
-                    self.axes.require_multiple(cout, module.groups)
-                return {"in": cin, "out": cout, "depthwise": depthwise}
-            m = self.module_axes(path, make)
-            channel = len(x) - len(module.kernel_size) - 1
-            self.axes.unify(x[channel], m["in"], path)
-            out = self.shapes[node]
-            spatial = tuple(self.axes.new(d, f"{path}.spatial", "spatial size") for d in out.shape[channel + 1:])
-            return x[:channel] + (m["out"],) + spatial
-        if kind == "batch_norm" or kind == "instance_norm":
-            m = self.module_axes(path, lambda: {"features": new(module.num_features, f"{path}.features")})
-            self.axes.unify(x[1], m["features"], path)
-            return x
-        if kind == "group_norm":
-            m = self.module_axes(path, lambda: {"features": new(module.num_channels, f"{path}.features")})
-            self.axes.require_multiple(m["features"], module.num_groups)
-            self.axes.unify(x[1], m["features"], path)
-            return x
-        if kind in ("layer_norm", "rms_norm"):
-            shape = tuple(module.normalized_shape)
-            m = self.module_axes(path, lambda: {"shape": tuple(new(d, f"{path}.shape") for d in shape)})
-            for a, b in zip(x[-len(shape):], m["shape"]):
-                self.axes.unify(a, b, path)
-            return x
-        if kind == "embedding":
-            m = self.module_axes(path, lambda: {"dim": new(module.embedding_dim, f"{path}.dim")})
-            self._tie(module.weight, (Const(module.num_embeddings), m["dim"]), path)
-            return x + (m["dim"],)
-        if kind in PASSTHROUGH:
-            return x
-        if kind in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"):
-            return self.pool(node, x)
-        if kind == "flatten":
-            from .coupling_rules import view_axes
-            return view_axes(self, node, x, None)
-        return self.opaque(node, f"module {type(module).__name__} has no coupling rule")
-
-    def _tie(self, weight: torch.Tensor, axes: Tuple[Expr, ...], where: str) -> None:
+    def tie(self, weight: torch.Tensor, axes: Tuple[Expr, ...], where: str) -> None:
         """A Parameter shared by two modules (tied embedding / LM head) couples their axes."""
         previous = self._param_ids.setdefault(id(weight), axes)
         if previous is not axes:
             for a, b in zip(previous, axes):
                 self.axes.unify(a, b, where)
 
-    def pool(self, node: fx.Node, x: Tuple[Expr, ...]) -> Tuple[Expr, ...]:
-        out = self.shapes[node]
-        keep = 2 if len(x) >= 3 else 1
-        return x[:keep] + tuple(self.axes.new(d, f"{node.name}.spatial", "spatial size") for d in out.shape[keep:])
 
-    # -- functions -------------------------------------------------------------------------
-    def function(self, node: fx.Node) -> Any:
-        from . import coupling_rules
-        return coupling_rules.apply(self, node)
+def settle(axes: AxisGraph, link: SizeLink, literals: List[Literal]) -> None:
+    """A size argument computed by a node (``view(B, T, n_head, C // n_head)``) and the axis it
+    gives. Where both can change, they are unified, as the code says (``C // n_head`` stays exact:
+    C becomes a multiple of n_head). Where the axis is kept (attention_width="keep") or unifying
+    would define a size in terms of itself, the argument becomes a literal Sparse Wide rewrites
+    when the node no longer computes the axis' size. Sizes that follow the input shape (batch,
+    sequence) are never written as literals: those are unified (and pinned) as before."""
+    size, where = link.size, link.node
+    expr = size.exprs[0] if size.single else None
+    value = axes.original(link.axis)
+    if expr is None:  # computed outside the algebra: rewrite if anything it reads changes
+        if size.sources and not axes.varies(size.sources):
+            literals.append(Literal(link.node, link.index, link.slot, link.axis, value, computed=size.sources))
+        else:
+            axes.pin(link.axis, f"size computed from other axes at {where}")
+            for source in size.sources:
+                axes.pin(source, f"size computed from other axes at {where}")
+        return
+    if axes.fixed(link.axis) and axes.fixed(expr):
+        return
+    if not axes.varies([expr]) and (axes.fixed(link.axis) or not _can_unify(axes, link.axis, expr)):
+        literals.append(Literal(link.node, link.index, link.slot, link.axis, value, source=expr))
+        return
+    axes.unify(link.axis, expr, where)
+    for part in _floor_divs(expr):
+        axes.require_multiple(part.numerator, part.divisor)
+
+
+def _can_unify(axes: AxisGraph, a: Expr, b: Expr) -> bool:
+    """Unifying binds a free symbol to the other side without defining it in terms of itself."""
+    def binds(sym: Expr, other: Expr) -> bool:
+        return isinstance(sym, Sym) and axes.root(sym) not in axes.definition \
+            and axes.root(sym) not in axes.reach(other)
+    return binds(a, b) or binds(b, a)
+
+
+def _floor_divs(expr: Expr) -> List[FloorDiv]:
+    found = [expr] if isinstance(expr, FloorDiv) else []
+    for part in getattr(expr, "terms", ()) + getattr(expr, "factors", ()) + \
+            ((expr.numerator,) if isinstance(expr, FloorDiv) else ()):
+        found.extend(_floor_divs(part))
+    return found
 
 
 def _flatten(value: Any) -> List[Expr]:
@@ -249,14 +219,6 @@ def _flatten_nodes(arg: Any) -> List[fx.Node]:
     found: List[fx.Node] = []
     fx.map_arg(arg, lambda n: found.append(n))
     return found
-
-
-def _fresh_tree(builder: _Builder, spec: Any, label: str, pinned: Optional[str]) -> Any:
-    if isinstance(spec, TensorSpec):
-        return builder.fresh(spec, label, pinned)
-    if isinstance(spec, (tuple, list)):
-        return tuple(_fresh_tree(builder, s, label, pinned) for s in spec)
-    return None
 
 
 def getattr_path(root: nn.Module, target: str) -> Any:

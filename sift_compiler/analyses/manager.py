@@ -3,15 +3,11 @@
 ``unit.analyses.get(ShapeAnalysis)`` computes the result on first use and caches it by class.
 A pass that edits the graph bumps ``unit.generation``; after the pass, the pass manager calls
 ``invalidate(preserved)`` and everything the pass did not declare preserved is dropped. A result
-read after its graph changed, without the pass declaring it preserved, is recomputed; holding on
-to an old result object and checking it with `AnalysisManager.check_fresh` raises
-`StaleAnalysisError`.
+read after its graph changed, without the pass declaring it preserved, is recomputed.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, FrozenSet, Generic, Type, TypeVar
-
-from ..errors import StaleAnalysisError
 
 if TYPE_CHECKING:
     from ..unit import CompilationUnit
@@ -46,10 +42,6 @@ class AnalysisManager:
         self.computed[analysis.name] = self.computed.get(analysis.name, 0) + 1
         return result
 
-    def cached(self, analysis: type) -> bool:
-        entry = self._cache.get(analysis)
-        return entry is not None and entry[0] == self._unit.generation
-
     def invalidate(self, preserved: FrozenSet[type] = frozenset()) -> None:
         """Drop every result except ``preserved`` ones, which are re-stamped as current."""
         for analysis in list(self._cache):
@@ -57,10 +49,3 @@ class AnalysisManager:
                 self._cache[analysis] = (self._unit.generation, self._cache[analysis][1])
             else:
                 del self._cache[analysis]
-
-    def check_fresh(self, analysis: type, result: object) -> None:
-        """Raise StaleAnalysisError if ``result`` is not the current result of ``analysis``."""
-        entry = self._cache.get(analysis)
-        if entry is None or entry[1] is not result or entry[0] != self._unit.generation:
-            raise StaleAnalysisError(f"{analysis.__name__} result is stale: the graph changed (generation "
-                                     f"{self._unit.generation}) since it was computed; call analyses.get() again")

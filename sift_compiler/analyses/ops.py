@@ -1,121 +1,250 @@
-"""One table that names what a graph node does, whichever capture produced it.
+"""The op table: for every op a graph can call, its kind, its coupling rule and its FLOP rule.
 
-``op_kind(gm, node)`` returns a short canonical name: ``"linear"``, ``"conv"``, ``"matmul"``,
-``"sdpa"``, ``"batch_norm"``, ``"layer_norm"``, ``"add"``, ``"relu"``, ``"view"``... for
-`call_module` nodes (by module type), `call_function` nodes (torch functions, operators and ATen
-overloads) and `call_method` nodes alike. Analyses key their rules on these names, never on
-strings taken from a node's name.
+Rows are keyed by the target itself, whichever capture produced the graph: module types (matched
+along the MRO, so masked layers are Linear/Conv), torch and ``torch.nn.functional`` functions,
+``operator.*``, Tensor method names (a `call_method` node's target is a string) and ATen overload
+packets (`torch.export` graphs). Each row says:
+
+- ``kind``: a short canonical name ("linear", "add", "view"...) that analyses key on;
+- ``coupling``: how the op's output axes follow its inputs' (`coupling_rules`, `coupling_views`).
+  None: no rule, so every channel group it touches keeps its width, and the report says which op;
+- ``flops``: its cost (`flop_rules`); `FREE` for views, copies and lookups on purpose. None: not
+  counted, and listed in the report's ``uncounted``.
+
+Adding an op is one row. ``lookup(gm, node)`` finds a node's row (None when the op is unknown).
 """
 from __future__ import annotations
 
-from typing import Optional
+import builtins
+import operator
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..sparsity.layers import MaskedLayer
+from . import coupling_rules as C
+from . import coupling_views as V
+from . import flop_rules as R
 
-MODULE_KINDS = [
-    (nn.Linear, "linear"),
-    (nn.modules.conv._ConvTransposeNd, "conv_transpose"),
-    (nn.modules.conv._ConvNd, "conv"),
-    (nn.Embedding, "embedding"),
-    (nn.EmbeddingBag, "embedding"),
-    (nn.modules.batchnorm._BatchNorm, "batch_norm"),
-    (nn.LayerNorm, "layer_norm"),
-    (nn.GroupNorm, "group_norm"),
-    (nn.modules.instancenorm._InstanceNorm, "instance_norm"),
-    (nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.GELU, "gelu"), (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"),
-    (nn.Hardsigmoid, "hardsigmoid"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"), (nn.Mish, "mish"),
-    (nn.LeakyReLU, "leaky_relu"), (nn.ELU, "elu"), (nn.PReLU, "prelu"), (nn.Softmax, "softmax"),
-    (nn.Dropout, "dropout"), (nn.modules.dropout._DropoutNd, "dropout"), (nn.Identity, "identity"),
-    (nn.modules.pooling._MaxPoolNd, "max_pool"), (nn.modules.pooling._AvgPoolNd, "avg_pool"),
-    (nn.modules.pooling._AdaptiveAvgPoolNd, "adaptive_avg_pool"),
-    (nn.modules.pooling._AdaptiveMaxPoolNd, "adaptive_max_pool"),
-    (nn.Flatten, "flatten"), (nn.Unflatten, "unflatten"),
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    kind: str
+    coupling: Optional[C.CouplingRule]
+    flops: Optional[R.FlopRule]
+
+
+def named(*names: str) -> List[Any]:
+    """Every target called ``name`` (and its in-place ``name_``): the torch and functional
+    functions, the Tensor method name and the ATen packet, those that exist."""
+    found: List[Any] = []
+    for name in names:
+        for variant in (name, name + "_"):
+            for space in (torch, F):
+                target = getattr(space, variant, None)
+                if callable(target) and not isinstance(target, type) and target not in found:
+                    found.append(target)
+            if hasattr(torch.Tensor, variant):
+                found.append(variant)
+            try:
+                found.append(getattr(aten, variant))
+            except (AttributeError, RuntimeError):
+                pass
+    return found
+
+
+_ELEMENTWISE = ("add", "sub", "rsub", "mul", "div", "true_divide", "remainder", "fmod", "neg", "pow", "sqrt",
+                "rsqrt", "exp", "exp2", "expm1", "log", "log1p", "log2", "abs", "sigmoid", "tanh", "hardsigmoid",
+                "hardtanh", "softplus", "softsign", "selu", "celu", "clamp", "clamp_min", "clamp_max", "clip",
+                "erf", "erfc", "sign", "round", "floor", "ceil", "trunc", "reciprocal", "square", "cos", "sin",
+                "tan", "atan", "where", "masked_fill", "lerp", "maximum", "minimum", "addcmul", "addcdiv")
+_ACTIVATIONS = ("relu", "relu6", "gelu", "silu", "hardswish", "mish", "leaky_relu", "elu")
+_COPIES = ("to", "_to_copy", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous", "clone",
+           "detach", "alias", "copy", "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d",
+           "dropout2d", "dropout3d", "tril", "triu", "cumsum")
+_COMPARE = ("eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "logical_not",
+            "bitwise_and", "bitwise_or", "bitwise_not", "isnan", "isinf", "isfinite", "__and__", "__or__")
+_REDUCTIONS = ("mean", "sum", "amax", "amin", "prod", "std", "var", "logsumexp", "all", "any", "nansum",
+               "nanmean", "argmax", "argmin")
+_CREATE = ("arange", "randint", "scalar_tensor", "tensor", "lift_fresh_copy", "linspace", "eye")
+_LIKE = ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like")
+_POOLS = ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d",
+          "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+          "_adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")
+_NO_RULE_COPIES = ("repeat", "tile", "roll", "flip", "gather", "index_select", "index", "repeat_interleave",
+                   "movedim", "diff", "scatter", "masked_select", "take_along_dim")
+
+
+
+def _pool_kind(name: str) -> str:
+    return ("adaptive_" if "adaptive" in name else "") + ("max_pool" if "max" in name else "avg_pool")
+
+
+# (kind, coupling rule, FLOP rule, targets)
+ROWS = [
+    # weight layers
+    ("linear", C.linear_module, R.weight_module, [nn.Linear]),
+    ("conv_transpose", None, R.weight_module, [nn.modules.conv._ConvTransposeNd]),
+    ("conv", C.conv_module, R.weight_module, [nn.modules.conv._ConvNd]),
+    ("embedding", C.embedding_module, R.FREE_EMBEDDING, [nn.Embedding]),
+    ("embedding", None, R.embedding_bag, [nn.EmbeddingBag]),  # a weight layer; its bags have no coupling rule
+    ("linear", C.functional_linear, R.functional_linear, named("linear")),
+    ("conv", None, R.functional_conv, named("conv1d", "conv2d", "conv3d", "convolution")),
+    ("embedding", C.functional_embedding, R.FREE_EMBEDDING, [F.embedding]),
+    ("embedding", C.aten_embedding, R.FREE_EMBEDDING, [torch.embedding, aten.embedding]),
+    # norms
+    ("batch_norm", C.batch_norm_module, R.BATCH_NORM, [nn.modules.batchnorm._BatchNorm]),
+    ("instance_norm", C.batch_norm_module, R.NORM, [nn.modules.instancenorm._InstanceNorm]),
+    ("group_norm", C.group_norm_module, R.NORM, [nn.GroupNorm]),
+    ("layer_norm", C.layer_norm_module, R.NORM, [nn.LayerNorm]),
+    ("rms_norm", C.layer_norm_module, R.NORM, [nn.RMSNorm] if hasattr(nn, "RMSNorm") else []),
+    ("batch_norm", C.channel_norm, R.BATCH_NORM,
+     named("batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training")),
+    ("instance_norm", C.channel_norm, R.NORM, named("instance_norm")),
+    ("group_norm", C.channel_norm, R.NORM, named("group_norm", "native_group_norm")),
+    ("layer_norm", C.last_dims_norm, R.NORM, named("layer_norm", "native_layer_norm")),
+    ("rms_norm", C.last_dims_norm, R.NORM, named("rms_norm")),
+    ("normalize", C.passthrough, R.SOFTMAX, [F.normalize]),
+    # matmuls and attention
+    ("matmul", C.matmul, R.matmul, named("matmul", "mm", "bmm") + [operator.matmul]),
+    ("matmul", C.addmm, R.addmm, named("addmm", "baddbmm")),
+    ("einsum", C.einsum, R.einsum, named("einsum")),
+    ("sdpa", C.sdpa, R.sdpa, named("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention")),
+    ("softmax", C.passthrough, R.SOFTMAX, named("softmax", "_softmax", "log_softmax", "_log_softmax")
+     + [nn.Softmax, nn.LogSoftmax]),
+    # element-wise
+    *[(name, C.broadcast, R.ELEMENTWISE, named(name)) for name in _ELEMENTWISE + _ACTIVATIONS],
+    ("add", C.broadcast, R.ELEMENTWISE, [operator.add, operator.iadd]),
+    ("sub", C.broadcast, R.ELEMENTWISE, [operator.sub, operator.isub]),
+    ("mul", C.broadcast, R.ELEMENTWISE, [operator.mul, operator.imul]),
+    ("div", C.broadcast, R.ELEMENTWISE, [operator.truediv, operator.itruediv]),
+    ("floordiv", C.broadcast, R.ELEMENTWISE, named("floor_divide") + [operator.floordiv, operator.ifloordiv]),
+    ("remainder", C.broadcast, R.ELEMENTWISE, [operator.mod]),
+    ("pow", C.broadcast, R.ELEMENTWISE, [operator.pow, operator.ipow]),
+    ("neg", C.broadcast, R.ELEMENTWISE, [operator.neg]),
+    ("compare", C.broadcast, R.ELEMENTWISE, named(*_COMPARE) + [operator.eq, operator.ne, operator.lt, operator.le,
+                                                                 operator.gt, operator.ge, operator.and_,
+                                                                 operator.or_, operator.xor, operator.invert]),
+    ("relu", C.passthrough, R.ELEMENTWISE, [nn.ReLU]), ("relu6", C.passthrough, R.ELEMENTWISE, [nn.ReLU6]),
+    ("gelu", C.passthrough, R.ELEMENTWISE, [nn.GELU]), ("silu", C.passthrough, R.ELEMENTWISE, [nn.SiLU]),
+    ("hardswish", C.passthrough, R.ELEMENTWISE, [nn.Hardswish]), ("mish", C.passthrough, R.ELEMENTWISE, [nn.Mish]),
+    ("hardsigmoid", C.passthrough, R.ELEMENTWISE, [nn.Hardsigmoid]),
+    ("sigmoid", C.passthrough, R.ELEMENTWISE, [nn.Sigmoid]), ("tanh", C.passthrough, R.ELEMENTWISE, [nn.Tanh]),
+    ("leaky_relu", C.passthrough, R.ELEMENTWISE, [nn.LeakyReLU]), ("elu", C.passthrough, R.ELEMENTWISE, [nn.ELU]),
+    ("relu6", C.passthrough, R.ELEMENTWISE, [nn.Hardtanh]), ("gelu", C.passthrough, R.ELEMENTWISE, [nn.GELU]),
+    ("prelu", None, R.ELEMENTWISE, [nn.PReLU] + named("prelu")),
+    # copies and dropout: shape-preserving, free
+    ("dropout", C.passthrough, R.FREE, [nn.Dropout, nn.modules.dropout._DropoutNd]),
+    ("identity", C.passthrough, R.FREE, [nn.Identity]),
+    *[("identity" if name not in ("dropout", "alpha_dropout") else "dropout", C.passthrough, R.FREE, named(name))
+      for name in _COPIES],
+    # pooling and reductions
+    ("max_pool", C.pool, R.pool, [nn.modules.pooling._MaxPoolNd]),
+    ("avg_pool", C.pool, R.pool, [nn.modules.pooling._AvgPoolNd]),
+    ("adaptive_avg_pool", C.pool, R.pool, [nn.modules.pooling._AdaptiveAvgPoolNd]),
+    ("adaptive_max_pool", C.pool, R.pool, [nn.modules.pooling._AdaptiveMaxPoolNd]),
+    *[(_pool_kind(name), C.pool, R.pool, named(name)) for name in _POOLS],
+    ("upsample", C.pool, R.ELEMENTWISE, [nn.Upsample] + named("interpolate", "upsample_nearest2d",
+                                                              "upsample_bilinear2d")),
+    *[(name, C.reduce, R.pool, named(name)) for name in _REDUCTIONS],
+    ("max_reduce", C.maximum, R.maximum, named("max", "min")),
+    ("norm_reduce", C.norm_reduce, R.pool, named("norm")),
+    # joins, splits, views
+    ("cat", V.cat, R.FREE, named("cat", "concat", "concatenate")),
+    ("stack", V.stack, R.FREE, named("stack")),
+    ("split", V.split, R.FREE, named("split", "split_with_sizes")),
+    ("chunk", V.chunk, R.FREE, named("chunk", "tensor_split")),
+    ("unbind", V.unbind, R.FREE, named("unbind")),
+    ("view", V.view, R.FREE, named("view", "reshape", "_unsafe_view", "_reshape_alias")),
+    ("flatten", V.flatten, R.FREE, named("flatten") + [nn.Flatten]),
+    ("unflatten", V.unflatten, R.FREE, named("unflatten")),
+    ("unflatten", None, R.FREE, [nn.Unflatten]),
+    ("permute", V.permute, R.FREE, named("permute")),
+    ("transpose", V.transpose, R.FREE, named("transpose", "swapaxes", "swapdims")),
+    ("transpose", V.t, R.FREE, named("t")),
+    ("unsqueeze", V.unsqueeze, R.FREE, named("unsqueeze")),
+    ("squeeze", V.squeeze, R.FREE, named("squeeze")),
+    ("expand", V.expand, R.FREE, named("expand", "expand_as", "broadcast_to")),
+    ("select", V.select, R.FREE, named("select")),
+    ("slice", V.slice_rule, R.FREE, named("slice", "narrow")),
+    ("pad", V.pad, R.FREE, named("pad", "constant_pad_nd")),
+    ("getitem", V.getitem, R.FREE, [operator.getitem]),
+    *[(name, None, R.FREE, named(name)) for name in _NO_RULE_COPIES],
+    # sizes, creation, assertions
+    ("size", C.getattr_rule, R.FREE, [builtins.getattr]),
+    ("size", C.size, R.FREE, named("size", "sym_size")),
+    ("size", C.no_axes, R.FREE, named("dim", "numel", "sym_numel")),
+    ("create", C.create, R.FREE, named(*_CREATE)),
+    ("create", C.sized(0), R.FREE, named("zeros", "ones", "empty", "full", "rand", "randn")),
+    ("create", C.sized(1), R.FREE, named("new_zeros", "new_ones", "new_empty", "new_full")),
+    ("create", C.passthrough, R.FREE, named(*_LIKE)),
+    ("assert", C.no_axes, R.FREE, named("_assert_tensor_metadata", "_assert_async", "_assert")
+     + [torch._assert]),
 ]
-if hasattr(nn, "RMSNorm"):
-    MODULE_KINDS.append((nn.RMSNorm, "rms_norm"))
+TABLE: Dict[Any, OpSpec] = {}
+for _kind, _coupling, _flops, _targets in ROWS:
+    for _target in _targets:
+        TABLE.setdefault(_target, OpSpec(_kind, _coupling, _flops))
 
-# Base names of functions/methods/ATen ops -> canonical kind.
-_ALIASES = {
-    "linear": "linear", "addmm": "matmul", "matmul": "matmul", "mm": "matmul", "bmm": "matmul",
-    "baddbmm": "matmul", "einsum": "einsum",
-    "conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "convolution": "conv",
-    "scaled_dot_product_attention": "sdpa", "_scaled_dot_product_flash_attention_for_cpu": "sdpa",
-    "_scaled_dot_product_efficient_attention": "sdpa", "_scaled_dot_product_flash_attention": "sdpa",
-    "batch_norm": "batch_norm", "_native_batch_norm_legit_no_training": "batch_norm",
-    "_native_batch_norm_legit": "batch_norm", "native_batch_norm": "batch_norm",
-    "layer_norm": "layer_norm", "native_layer_norm": "layer_norm", "group_norm": "group_norm",
-    "native_group_norm": "group_norm", "rms_norm": "rms_norm", "instance_norm": "instance_norm",
-    "embedding": "embedding",
-    "add": "add", "iadd": "add", "add_": "add", "sub": "sub", "rsub": "sub", "mul": "mul", "imul": "mul",
-    "mul_": "mul", "truediv": "div", "div": "div", "floordiv": "div", "neg": "neg", "pow": "pow",
-    "sqrt": "sqrt", "rsqrt": "sqrt", "exp": "exp", "log": "log", "abs": "abs",
-    "relu": "relu", "relu_": "relu", "relu6": "relu6", "hardtanh": "relu6", "hardtanh_": "relu6",
-    "gelu": "gelu", "silu": "silu", "silu_": "silu", "sigmoid": "sigmoid", "tanh": "tanh",
-    "hardswish": "hardswish", "hardswish_": "hardswish", "hardsigmoid": "hardsigmoid", "mish": "mish",
-    "leaky_relu": "leaky_relu", "elu": "elu", "softmax": "softmax", "_softmax": "softmax",
-    "log_softmax": "softmax", "dropout": "dropout", "native_dropout": "dropout",
-    "max_pool1d": "max_pool", "max_pool2d": "max_pool", "max_pool3d": "max_pool",
-    "max_pool2d_with_indices": "max_pool", "avg_pool1d": "avg_pool", "avg_pool2d": "avg_pool",
-    "avg_pool3d": "avg_pool", "adaptive_avg_pool1d": "adaptive_avg_pool",
-    "adaptive_avg_pool2d": "adaptive_avg_pool", "adaptive_avg_pool3d": "adaptive_avg_pool",
-    "_adaptive_avg_pool2d": "adaptive_avg_pool", "adaptive_max_pool2d": "adaptive_max_pool",
-    "mean": "mean", "sum": "sum", "amax": "max_reduce", "max": "max_reduce",
-    "cat": "cat", "concat": "cat", "concatenate": "cat", "stack": "stack", "split": "split",
-    "split_with_sizes": "split", "chunk": "chunk", "unbind": "unbind", "getitem": "getitem",
-    "view": "view", "reshape": "view", "_unsafe_view": "view", "flatten": "flatten", "unflatten": "unflatten",
-    "permute": "permute", "transpose": "transpose", "t": "transpose", "contiguous": "identity",
-    "clone": "identity", "alias": "identity", "to": "identity", "type_as": "identity", "detach": "identity",
-    "squeeze": "squeeze", "unsqueeze": "unsqueeze", "expand": "expand", "expand_as": "expand",
-    "repeat": "repeat", "slice": "slice", "select": "select", "index": "index", "narrow": "slice",
-    "size": "size", "sym_size": "size", "dim": "size", "_assert_tensor_metadata": "assert",
-}
-ELEMENTWISE_KINDS = frozenset({
-    "add", "sub", "mul", "div", "neg", "pow", "sqrt", "exp", "log", "abs", "relu", "relu6", "gelu", "silu",
-    "sigmoid", "tanh", "hardswish", "hardsigmoid", "mish", "leaky_relu", "elu", "prelu",
-})
-ACTIVATION_KINDS = frozenset({"relu", "relu6", "gelu", "silu", "hardswish", "mish", "leaky_relu", "elu"})
+ELEMENTWISE_KINDS = frozenset(_ELEMENTWISE + _ACTIVATIONS + ("floordiv", "prelu"))
+ACTIVATION_KINDS = frozenset(_ACTIVATIONS)
 NORM_KINDS = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"})
-POOL_KINDS = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "mean", "sum", "max_reduce"})
 WEIGHT_KINDS = frozenset({"linear", "conv"})
 
 
-def _base_name(target) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name.split("::")[-1]
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return target.__name__
-    if isinstance(target, str):
-        return target
-    return getattr(target, "__name__", str(target))
+def module_spec(module: nn.Module) -> Optional[OpSpec]:
+    for cls in type(module).__mro__:
+        spec = TABLE.get(cls)
+        if spec is not None:
+            return spec
+    return None
+
+
+def lookup(gm: fx.GraphModule, node: fx.Node) -> Optional[OpSpec]:
+    """The table row of ``node``'s op; None for placeholders, outputs, get_attr and unknown ops."""
+    if node.op == "call_module":
+        return module_spec(gm.get_submodule(str(node.target)))
+    if node.op not in ("call_function", "call_method"):
+        return None
+    target = node.target
+    spec = TABLE.get(target) if _hashable(target) else None
+    if spec is None and isinstance(target, torch._ops.OpOverload):
+        spec = TABLE.get(target.overloadpacket)
+    return spec
+
+
+def _hashable(target: Any) -> bool:
+    try:
+        hash(target)
+        return True
+    except TypeError:
+        return False
 
 
 def module_kind(module: nn.Module) -> Optional[str]:
-    for cls, kind in MODULE_KINDS:
-        if isinstance(module, cls):
-            return kind
-    return None
+    spec = module_spec(module)
+    return spec.kind if spec else None
 
 
 def op_kind(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     """Canonical kind of ``node`` (None for placeholders/outputs/get_attr and unknown ops)."""
-    if node.op == "call_module":
-        return module_kind(gm.get_submodule(str(node.target)))
-    if node.op in ("call_function", "call_method"):
-        name = _base_name(node.target)
-        return _ALIASES.get(name, _ALIASES.get(name.rstrip("_")))
-    return None
-
-
-def is_masked(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), MaskedLayer)
+    spec = lookup(gm, node)
+    return spec.kind if spec else None
 
 
 def op_name(node: fx.Node) -> str:
     """A readable name of what ``node`` calls, for reports of ops not understood."""
     if node.op == "call_module":
         return str(node.target)
-    return _base_name(node.target)
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"aten.{target._schema.name.split('::')[-1]}"
+    return getattr(target, "__name__", str(target))

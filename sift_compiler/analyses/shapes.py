@@ -101,6 +101,12 @@ class _MetaRecorder(_Recorder):
         value = super().get_attr(target, args, kwargs)
         return self._as_meta(value) if isinstance(value, torch.Tensor) else value
 
+    def call_function(self, target, args, kwargs):
+        return super().call_function(target, *_on_meta(args, kwargs))
+
+    def call_method(self, target, args, kwargs):
+        return super().call_method(target, *_on_meta(args, kwargs))
+
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
         if isinstance(module, _SHAPE_PRESERVING) and len(args) == 1 and isinstance(args[0], torch.Tensor):
@@ -111,6 +117,16 @@ class _MetaRecorder(_Recorder):
             base = next(t for t in WEIGHT_LAYER_TYPES if isinstance(module, t))
             return _call_as(base, module, state, args, kwargs)
         return torch.func.functional_call(module, state, args, kwargs)
+
+
+def _on_meta(args, kwargs):
+    """Device arguments point at the meta device (``x.to(device=cpu)``, ``torch.ones(..., device=cpu)``
+    in exported transformers graphs would leave it), so such graphs need no fake-tensor fallback."""
+    meta = torch.device("meta")
+    args = tuple(meta if isinstance(a, torch.device) else a for a in args)
+    if "device" in kwargs:
+        kwargs = {**kwargs, "device": meta}
+    return args, kwargs
 
 
 def _call_as(base: type, module, state, args, kwargs):

@@ -42,8 +42,9 @@ class ExplicitMultiheadAttention(nn.Module):
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention) -> "ExplicitMultiheadAttention":
-        new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.batch_first, mha.in_proj_bias is not None)
-        new.to(device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
+        with torch.device("meta"):  # no initialisation: every value is copied below (and no RNG is drawn)
+            new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.batch_first, mha.in_proj_bias is not None)
+        new = new.to(dtype=mha.out_proj.weight.dtype).to_empty(device=mha.out_proj.weight.device)
         d = mha.embed_dim
         with torch.no_grad():
             for i, proj in enumerate((new.q_proj, new.k_proj, new.v_proj)):
@@ -110,8 +111,9 @@ def _merge_masks(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[t
 
 def _conv1d_to_linear(conv1d: nn.Module) -> nn.Linear:
     nx, nf = conv1d.weight.shape
-    linear = nn.Linear(nx, nf, bias=conv1d.bias is not None,
-                       device=conv1d.weight.device, dtype=conv1d.weight.dtype)
+    # built on the meta device: no initialisation (every value is copied below, no RNG is drawn)
+    linear = nn.Linear(nx, nf, bias=conv1d.bias is not None, device="meta",
+                       dtype=conv1d.weight.dtype).to_empty(device=conv1d.weight.device)
     with torch.no_grad():
         linear.weight.copy_(conv1d.weight.t())
         if conv1d.bias is not None:

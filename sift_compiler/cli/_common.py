@@ -12,10 +12,11 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from typing import Callable, Iterator, List, Optional, Sequence
 
 from ..config import validate_sparsity
-from ..errors import SiftError, UserInputError
+from ..errors import SiftError, SiftWarning, UserInputError
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
@@ -41,7 +42,8 @@ def run_main(prog: str, body: Callable[[argparse.Namespace], int], parser: argpa
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format=f"{prog}: %(message)s")
     try:
-        return body(args)
+        with one_line_warnings(prog):
+            return body(args)
     except SiftError as e:
         if getattr(args, "verbose", False):
             traceback.print_exc()
@@ -56,6 +58,22 @@ def run_main(prog: str, body: Callable[[argparse.Namespace], int], parser: argpa
         print(f"{prog}: internal error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)",
               file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str) -> Iterator[None]:
+    """Print each `SiftWarning` as one line, ``prog: warning: ...``; other warnings as usual."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SiftWarning)
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, SiftWarning):
+                print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                default(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        yield
 
 
 @contextlib.contextmanager

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--budget latency: latency allowed, as a multiple of the dense model's (default 1.0)")
     p.add_argument("--rounds", type=int, default=5,
                    help="--budget latency: interleaved rounds (dense, candidate) per measurement (default 5)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 2) when the transform cannot be applied as asked, instead of warning")
     p.add_argument("--max-layers", type=int, default=None, help="print at most this many layer rows")
     p.add_argument("--quiet", "-q", action="store_true", help="print no report")
     p.add_argument("--verbose", "-v", action="store_true", help="log details and show tracebacks")
@@ -116,7 +118,7 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                    linear_norm=args.linear_norm, round_to=args.round_to, attention_width=args.attention_width,
                    progress=sys.stderr if args.verbose else None, model_name=args.model,
                    source={"spec": args.model, "family": source.family, "weights": args.weights},
-                   output=args.output_form)
+                   output=args.output_form, strict=args.strict)
 
     def compile_with(**changes):
         return sift_compile(source.module, args.transform, sparsity, source.args, source.kwargs,
@@ -145,10 +147,9 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _write_onnx(result, source, args, written, compile_with):
-    """Export (the outcome policy: exporters/outcome.py); returns the model written and the outcome."""
-    from ..errors import ExportError
+    """Export (the outcome policy: exporters/outcome.py; onnxruntime is checked against torch there);
+    returns the model written and the outcome."""
     from ..exporters.outcome import export_with_compile_remedies
-    from ..exporters.verify import onnxruntime_outputs
     mode = "skip" if args.no_deepsparse_check else args.deepsparse
     result, info, recompiled = export_with_compile_remedies(result, compile_with, source.args, args.onnx,
                                                             source.kwargs, opset=args.opset, deepsparse=mode)
@@ -156,11 +157,6 @@ def _write_onnx(result, source, args, written, compile_with):
     if recompiled and not args.quiet:
         print(f"\nremedied: {recompiled}; the model written is this one:")
         print(result.report.table(max_layers=args.max_layers))
-    outputs = onnxruntime_outputs(args.onnx, info, source.args, source.kwargs)
-    expected = [tuple(spec.shape) for spec in _leaves(result.unit.baseline_outputs)]
-    actual = [tuple(o.shape) for o in outputs]
-    if actual != expected:
-        raise ExportError(f"{args.onnx}: onnxruntime outputs have shapes {actual}, the dense model {expected}")
     for note in info.notes:
         print(f"sift-compile: note: {note}", file=sys.stderr)
     if getattr(info, "verification", None) is not None and not args.quiet:
@@ -183,11 +179,6 @@ def _search_latency(args, source, sparsity, options):
     if not args.quiet:
         print(result.latency.table() + "\n")
     return result
-
-
-def _leaves(tree):
-    import torch.utils._pytree as pytree
-    return [leaf for leaf in pytree.tree_leaves(tree) if leaf is not None]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -26,7 +26,7 @@ def splice_module(unit, node: fx.Node, module: nn.Module, path: str, meta: Dict[
         node.meta.update(meta)
         node.meta["sift.role"] = ""
         return node
-    sub_graph = SiftTracer().trace(module)  # a Graph only: no GraphModule code generation per layer
+    sub_graph = _traced(module)
     env: Dict[fx.Node, Any] = {}
     inputs = list(node.args)
     result = None
@@ -49,6 +49,22 @@ def splice_module(unit, node: fx.Node, module: nn.Module, path: str, meta: Dict[
     node.replace_all_uses_with(result)
     gm.graph.erase_node(node)
     return result
+
+
+_TRACES: Dict[Any, fx.Graph] = {}
+
+
+def _traced(module: nn.Module) -> fx.Graph:
+    """The graph of ``module``'s forward (a Graph only: no GraphModule code generation per layer).
+    Modules whose forward depends only on their submodules' names and types (``traced_by_structure``,
+    as the rewrites' replacement modules) are traced once per structure: ResNet-50 has 16 alike."""
+    if not getattr(type(module), "traced_by_structure", False):
+        return SiftTracer().trace(module)
+    key = (type(module), module.training,
+           tuple((name, type(sub)) for name, sub in module.named_modules(remove_duplicate=False)))
+    if key not in _TRACES:
+        _TRACES[key] = SiftTracer().trace(module)
+    return _TRACES[key]
 
 
 def _registered(gm: fx.GraphModule, path: str, module: nn.Module) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..analyses.layers import LayerAnalysis
 from ..analyses.shapes import ShapeAnalysis
-from ..initialization import LayerDefault, init_fresh_modules
+from ..initialization import InitPolicy, LayerDefault, init_fresh_modules
 from ..sparsity.init import init_masks
 from .base import Pass, PassResult
 
@@ -20,7 +20,10 @@ class InitMasksPass(Pass):
             return PassResult(False, frozenset({ShapeAnalysis, LayerAnalysis}))
         policy = unit.init_policy or LayerDefault()
         seed = unit.config.seed
-        drawn = init_masks(unit.module, seed, draw_weights=lambda layer, name: policy.draw_masked(layer, name, seed))
+        # the layer default is init_masks' own draw, which can run on threads; a model's own init may not
+        own_init = type(policy).draw_masked is not InitPolicy.draw_masked
+        drawn = init_masks(unit.module, seed, draw_weights=(lambda layer, name: policy.draw_masked(layer, name, seed))
+                           if own_init else None)
         redrawn = init_fresh_modules(unit.module, policy, seed)
         if drawn or redrawn:
             unit.touch()

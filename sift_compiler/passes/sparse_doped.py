@@ -25,6 +25,7 @@ class DopedLayer(nn.Module):
     """M x + V U x."""
 
     sift_rule = "sparse-doped"  # nodes inside it belong to this rule (capture.normalize.annotate_provenance)
+    traced_by_structure = True  # forward depends on its submodules only (graph_edit)
 
     def __init__(self, m: nn.Module, u: nn.Module, v: nn.Module) -> None:
         super().__init__()

@@ -24,6 +24,7 @@ class FactorizedLayer(nn.Module):
     """V sigma(U x)."""
 
     sift_rule = "sparse-factorized"  # nodes inside it belong to this rule (capture.normalize.annotate_provenance)
+    traced_by_structure = True  # forward depends on which submodules exist only (graph_edit)
 
     def __init__(self, u: nn.Module, norm: Optional[nn.Module], act: nn.Module, v: nn.Module) -> None:
         super().__init__()

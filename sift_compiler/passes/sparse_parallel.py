@@ -39,6 +39,7 @@ class ParallelBranches(nn.Module):
     """sum_j sigma(W_j x) over its branches."""
 
     sift_rule = "sparse-parallel"  # nodes inside it belong to this rule (capture.normalize.annotate_provenance)
+    traced_by_structure = True  # forward depends on the branch count only (graph_edit)
 
     def __init__(self, branches: List[SparseBranch]) -> None:
         super().__init__()

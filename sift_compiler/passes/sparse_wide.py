@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..analyses.axes import Prod, Sum, Sym
+from ..analyses.axes import Prod, Sum, Sym, symbols
 from ..analyses.coupling import ChannelCouplingAnalysis, CouplingResult, getattr_path
 from ..analyses.layers import LayerAnalysis
 from ..analyses.ops import module_kind
@@ -131,7 +131,8 @@ class SparseWidePass(Pass):
                 rebuilt[path] = replacement
                 unit.rewrites.modules.append(ModuleRewrite.of(path, module, replacement, calls.get(path)))
             if layer is not None and layer.kind in ("linear", "conv"):
-                unit.decisions[path] = LayerDecision("wide" if _is_masked(replacement) else "kept", detail)
+                unit.decisions[path] = LayerDecision("wide" if _is_masked(replacement) else "kept", detail,
+                                                     kept_at_width(coupling.axes, entry))
         return rebuilt
 
     def _resize(self, module: nn.Module, entry, size_of, layer) -> Tuple[nn.Module, str]:
@@ -206,9 +207,14 @@ class SparseWidePass(Pass):
 
     def _rewrite_literals(self, unit, coupling: CouplingResult, size_of) -> None:
         nodes = {n.name: n for n in unit.module.graph.nodes}
+        axes = coupling.axes
         for literal in coupling.literals:
             new = size_of(literal.expr)
-            if new == literal.value:
+            if literal.source is not None:  # a node computing the size: keep it while it computes it
+                stale = size_of(literal.source) != new
+            else:
+                stale = new != literal.value or any(size_of(e) != axes.original(e) for e in literal.computed)
+            if not stale:
                 continue
             node = nodes[literal.node]
             unit.rewrites.literal(node, literal.value, new)
@@ -268,6 +274,37 @@ def _constant_init_like(old: nn.Module, new: nn.Module) -> nn.Module:
                 if bool((before == first).all()):
                     after.fill_(float(first))
     return new
+
+
+# pins that are what the user asked for: the model's interface, head counts (and `axes.asked`)
+AS_ASKED = ("model input", "model output", "split count", "vocabulary", "integer", "spatial size", "stack count")
+
+
+def kept_at_width(axes, entry) -> List[str]:
+    """Why a layer's channels were not widened, for pins the user did not ask for."""
+    reasons = []
+    for side in ("in", "out"):
+        for root in _leaves(axes, entry[side]):
+            why = axes.pinned.get(root)
+            if why is not None and root not in axes.asked and not why.startswith(AS_ASKED):
+                reasons.append(f"{side}: {why}")
+                break
+    return reasons
+
+
+def _leaves(axes, expr) -> List[int]:
+    """The roots an axis is made of: definitions expanded, down to pinned or free roots."""
+    found, stack, seen = [], [axes.root(s) for s in symbols(expr)], set()
+    while stack:
+        root = stack.pop()
+        if root in seen:
+            continue
+        seen.add(root)
+        if root in axes.definition and root not in axes.pinned:
+            stack.extend(axes.root(s) for s in symbols(axes.definition[root]))
+        else:
+            found.append(root)
+    return found
 
 
 def _is_masked(module: nn.Module) -> bool:

@@ -8,14 +8,15 @@ other layers exist or on the order they are visited.
 from __future__ import annotations
 
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
-from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from .layers import MaskedLayer, iter_masked
+from .layers import MaskedLayer, iter_masked, remember_nnz
 
 
 def exact_count(density: float, numel: int) -> int:
@@ -59,22 +60,47 @@ def init_masks(module: nn.Module, seed: int = 0, only_fresh: bool = True,
     ``only_fresh`` leaves layers that already carry a mask (not all ones) alone. Layers built
     under `deferred_init` then get their weights (`MaskedLayer.init_on_mask`, or
     ``draw_weights(layer, name)`` when given: the model's own init, `initialization.InitPolicy`),
-    from a generator seeded by (seed, layer name): the same weights for the same seed, in any process.
+    from a generator seeded by (seed, layer name): the same weights for the same seed, in any
+    process. Each layer has its own streams, so without ``draw_weights`` (which may seed torch's
+    global generator) layers are drawn on ``torch.get_num_threads()`` threads (NumPy draws without
+    the GIL) with the same result as one after the other.
     """
-    drawn = {}
-    for name, layer in sorted(iter_masked(module), key=lambda item: item[0]):
-        pending = layer.init_pending
-        if layer.target_density < 1.0 and (pending or not only_fresh or bool(layer.weight_mask.all())):
-            mask = random_mask(tuple(layer.weight.shape), layer.target_density, layer_generator(seed, name))
-            if pending:  # the weights are drawn, and masked, below
-                layer.weight_mask.copy_(mask)
-            else:
-                layer.set_mask(mask.to(layer.weight.device))
-            drawn[name] = exact_count(layer.target_density, mask.numel())
-        if pending:
-            if draw_weights is not None:
-                draw_weights(layer, name)
-            else:
-                layer.init_on_mask(layer_generator(seed, name, stream=1))
-            drawn.setdefault(name, layer.weight.numel())
+    layers = sorted(iter_masked(module), key=lambda item: item[0])
+    total = sum(layer.weight.numel() for _, layer in layers)
+    workers = min(torch.get_num_threads(), len(layers)) if total >= _THREADED_FROM and draw_weights is None else 1
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            drawn = list(pool.map(lambda item: _init_layer(*item, seed, only_fresh, draw_weights), layers))
+    else:
+        drawn = [_init_layer(name, layer, seed, only_fresh, draw_weights) for name, layer in layers]
+    for (name, layer), count in zip(layers, drawn):
+        if count is not None:
+            remember_nnz(layer.weight_mask, count[1])
+    return {name: count[0] for (name, _), count in zip(layers, drawn) if count is not None}
+
+
+_THREADED_FROM = 1 << 20  # weights in all: below this, threads cost more than they save
+
+
+def _init_layer(name: str, layer, seed: int, only_fresh: bool,
+                draw_weights: Optional[Callable[[MaskedLayer, str], None]]) -> Optional[Tuple[int, int]]:
+    """Draw one layer's mask (and its weights if pending): (reported count, mask non-zeros), or None."""
+    pending = layer.init_pending
+    drawn = None
+    if layer.target_density < 1.0 and (pending or not only_fresh or bool(layer.weight_mask.all())):
+        mask = random_mask(tuple(layer.weight.shape), layer.target_density, layer_generator(seed, name))
+        if pending:  # the weights are drawn, and masked, below
+            layer.install_mask(mask.to(layer.weight.device))
+        else:
+            layer.set_mask(mask.to(layer.weight.device))
+        count = exact_count(layer.target_density, mask.numel())
+        drawn = (count, count)
+    elif pending:  # a dense layer waiting for its weights: its mask is all ones
+        layer.weight_mask.fill_(True)
+    if pending:
+        if draw_weights is not None:
+            draw_weights(layer, name)
+        else:
+            layer.init_on_mask(layer_generator(seed, name, stream=1))
+        drawn = drawn or (layer.weight.numel(), layer.weight_mask.numel())
     return drawn

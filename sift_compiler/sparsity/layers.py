@@ -27,9 +27,13 @@ are the same as with ``W * M``. Traced, scripted and compiled code always comput
 Deferred initialisation (`deferred_init()`): a rewrite that builds 4x the dense parameters
 (Sparse Parallel at 0.75) spent most of its time drawing weights and then masking them. Masked
 layers made by `new_layer` inside ``with deferred_init():`` skip their initialisation
-(``init_pending``) until `sparsity.init.init_masks` has drawn their mask and calls
-`MaskedLayer.init_on_mask`: the module type's own distribution, masked, drawn in place by NumPy
-from a per-layer stream (so the weights, like the masks, depend on the seed and layer name only).
+(``init_pending``: neither weights nor mask hold values yet, the mask counts as all ones) until
+`sparsity.init.init_masks` installs their mask and calls `MaskedLayer.init_on_mask`: the module
+type's own distribution, masked, drawn in place by NumPy from a per-layer stream (so the weights,
+like the masks, depend on the seed and layer name only).
+
+`mask_nnz(mask)` counts a mask's non-zeros once per in-place change; masks made here (all ones)
+and drawn by `init_masks` (exact counts) are known without counting (`remember_nnz`).
 """
 from __future__ import annotations
 
@@ -43,6 +47,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
+
+
+_NNZ_CACHE = WeakIdKeyDictionary()  # mask tensor -> (version, non-zeros)
+
+
+def mask_nnz(mask: torch.Tensor) -> int:
+    """Non-zeros of a mask, cached until the tensor is modified in place (its version changes)."""
+    cached = _NNZ_CACHE.get(mask)
+    if cached is not None and cached[0] == mask._version:
+        return cached[1]
+    count = int(torch.count_nonzero(mask))
+    _NNZ_CACHE[mask] = (mask._version, count)
+    return count
+
+
+def remember_nnz(mask: torch.Tensor, count: int) -> None:
+    """Record the non-zeros of a mask just made, so `mask_nnz` need not count them."""
+    _NNZ_CACHE[mask] = (mask._version, count)
 
 
 def _tracing() -> bool:
@@ -104,7 +126,16 @@ class MaskedLayer:
 
     def _init_mask(self) -> None:
         self.weight_mask = nn.Parameter(torch.ones_like(self.weight, dtype=torch.bool), requires_grad=False)
+        remember_nnz(self.weight_mask, self.weight_mask.numel())
         self.target_density = 1.0
+
+    def install_mask(self, mask: torch.Tensor) -> None:
+        """Make ``mask`` (bool, the weight's shape) the layer's mask, without copying it on the CPU.
+        The weights are left alone (`init_on_mask` draws them for a layer waiting for init)."""
+        if self.weight_mask.device == mask.device and mask.dtype == torch.bool and mask.is_contiguous():
+            self.weight_mask = nn.Parameter(mask, requires_grad=False)  # shares the mask's storage
+        else:
+            self.weight_mask.copy_(mask)
 
     def masked_weight(self) -> torch.Tensor:
         managed = self.engine_managed and not _tracing()
@@ -190,8 +221,7 @@ def unit_to_symmetric(u: np.ndarray, bound: float) -> np.ndarray:
     file's non-zeros disagree with the FLOP report.
     """
     u *= 2
-    u -= 1
-    u += 2.0 ** -24
+    u -= 1.0 - 2.0 ** -24  # = (2u - 1) + 2^-24, exactly (1 - 2^-24 is a float32), in one pass less
     u *= bound
     return u
 
@@ -267,9 +297,10 @@ def new_layer(layer: nn.Module, masked: bool = True, **overrides) -> nn.Module:
     weights are left for `init_masks` to draw.
     """
     if masked and _DEFER_INIT.get():
-        # built on the meta device (no initialisation), then given real, uninitialised storage
+        # built on the meta device (no initialisation), then given real, uninitialised storage; the
+        # mask counts as all ones until init_masks installs one
         fresh = _build_layer(layer, True, "meta", overrides).to_empty(device=layer.weight.device)
-        fresh.weight_mask.fill_(True)
+        remember_nnz(fresh.weight_mask, fresh.weight_mask.numel())
         fresh.init_pending = True
         return fresh
     built = _build_layer(layer, masked, layer.weight.device, overrides)
@@ -315,6 +346,8 @@ def masked_copy(layer: nn.Module) -> nn.Module:
     with deferred_init():  # the copy overwrites the weights: drawing them first would be wasted
         masked = new_layer(layer, masked=True)
     with torch.no_grad():
+        masked.weight_mask.fill_(True)
+        remember_nnz(masked.weight_mask, masked.weight_mask.numel())
         masked.weight.copy_(layer.weight)
         if layer.bias is not None:
             masked.bias.copy_(layer.bias)
