@@ -23,6 +23,7 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
+from sift_compiler.config import CompileConfig  # noqa: E402
 from sift_compiler.exporters.bench import machine_description  # noqa: E402
 from sift_compiler.latency import LatencyBudget, compile_for_latency, iso_flop_capacity  # noqa: E402
 
@@ -85,8 +86,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        max_steps=args.max_steps, tolerance=args.tolerance)
                 start = time.perf_counter()
                 print(f"== {transform} s={args.sparsity} batch {batch} budget {ratio}x", file=sys.stderr, flush=True)
-                result = compile_for_latency(model, transform, args.sparsity, (x,), None, args.runtime, budget,
-                                             {"seed": 0, "round_to": args.round_to, "model_name": "resnet18"},
+                config = CompileConfig(transform=transform, sparsity=args.sparsity, seed=0, round_to=args.round_to,
+                                       budget="latency")
+                result = compile_for_latency(model, config, (x,), None, args.runtime, budget,
+                                             {"model_name": "resnet18"},
                                              log=sys.stderr,
                                              measured=measured.setdefault((transform, batch), {}))
                 search = result.latency

@@ -3,22 +3,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from .analyses.flops import FlopAnalysis
-from .analyses.layers import LayerAnalysis
-from .analyses.shapes import ShapeAnalysis
 from .capture.tracer import capture
-from .config import CompileConfig
+from .config import CompileConfig, attach_config, config_of
 from .errors import UserInputError
 from .initialization import init_policy_for
 from .native import OUTPUTS, build_native, check_native
 from .passes.base import ProgressInstrument, TimingInstrument
-from .pipelines import TRANSFORM_PIPELINES, get_pipeline
+from .pipelines import pipeline_for
 from .report import FlopReport, build_report
 from .shortfall import check_as_asked
 from .unit import CompilationUnit
@@ -62,14 +60,17 @@ def _as_tuple(example_inputs: Any) -> Tuple[Any, ...]:
     return tuple(example_inputs)
 
 
-def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.75,
+_UNSET: Any = object()  # marks a sparsity not passed (compile(model, config, example_inputs))
+
+
+def compile(model: nn.Module, transform: Union[str, CompileConfig] = "parallel", sparsity: Any = _UNSET,
             example_inputs: Any = (), example_kwargs: Optional[Dict[str, Any]] = None, *,
             seed: int = 0, keep_dense: Sequence[str] = (), activation: str = "auto", linear_norm: bool = False,
             round_to: int = 1, attention_width: str = "keep", capture_method: str = "auto",
             progress: Optional[TextIO] = None, model_name: str = "", source: Optional[Dict[str, Any]] = None,
             output: str = "auto", budget: str = "flops", capacity: Optional[float] = None,
             runtime: Optional[str] = None, latency: Optional[Any] = None,
-            strict: bool = False) -> CompileResult:
+            strict: bool = False, flop_tolerance: Optional[float] = None) -> CompileResult:
     """Capture ``model`` and rewrite it with a Sparse-IFT transform at equal FLOPs.
 
     >>> import sift_compiler as sift, torch, torchvision
@@ -78,12 +79,18 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
     >>> print(result.report.table())            # per-layer FLOPs, iso-FLOP ratio
     >>> type(result.module)                     # torchvision.models.ResNet: your class, trainable
     >>> result.module(x).shape                  # torch.Size([1, 1000]); masks are buffers
+    >>> config = sift.CompileConfig(transform="wide", sparsity=0.9, seed=1)
+    >>> result = sift.compile(torchvision.models.resnet18(), config, (x,))   # the same, from a config
 
-    ``transform``: "none" (dense baseline), "parallel", "factorized", "doped" or "wide";
-    ``sparsity``: s in [0, 1). ``seed`` fixes the masks and every new weight (the caller's torch
-    RNG state is neither used nor advanced). The user's ``model`` is not modified. A transform that
-    could not be applied as asked (layers kept at width, s' far from s: see `shortfall`) warns with
-    a `SiftWarning`; ``strict=True`` makes it a `ShortfallError`.
+    ``transform``: a registered transform name ("none" for the dense baseline, "parallel",
+    "factorized", "doped", "wide", or one added with `pipelines.register_transform`), or a whole
+    `CompileConfig`; then the next positional arguments are ``example_inputs`` (and
+    ``example_kwargs``) and the options the config holds (sparsity, seed, keep_dense, activation,
+    linear_norm, round_to, attention_width, budget, capacity, strict, flop_tolerance) must not be
+    passed again. ``sparsity``: s in [0, 1) (default 0.75). ``seed`` fixes the masks and every new
+    weight (the caller's torch RNG state is neither used nor advanced). The user's ``model`` is not
+    modified. A transform that could not be applied as asked (layers kept at width, s' far from s:
+    see `shortfall`) warns with a `SiftWarning`; ``strict=True`` makes it a `ShortfallError`.
     ``output``: "auto" returns a new object of the model's own class with the rewritten modules
     in it whenever that computes exactly what the graph computes (`native`), else the graph form
     with a note saying why; "native" raises `UserInputError` instead of falling back; "graph"
@@ -94,36 +101,69 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
     ``capacity``, searches the largest one whose latency on ``runtime`` ("deepsparse" or
     "onnxruntime") meets the dense model's (``latency``: a `latency.LatencyBudget`, e.g. the batch
     size and the ratio allowed); ``result.latency`` then holds the measurements.
+    ``flop_tolerance``: None checks iso-FLOP up to what rounding explains (a `PostconditionError`
+    beyond it); a number allows ``|sift/dense - 1|`` up to it instead.
     """
+    if isinstance(transform, CompileConfig):
+        config = transform
+        example_inputs, example_kwargs = _inputs_after_config(sparsity, example_inputs, example_kwargs)
+        passed = dict(seed=seed, keep_dense=tuple(keep_dense), activation=activation, linear_norm=linear_norm,
+                      round_to=round_to, attention_width=attention_width, budget=budget, capacity=capacity,
+                      strict=strict, flop_tolerance=flop_tolerance)
+        defaults = CompileConfig()
+        twice = [k for k, v in passed.items() if v != getattr(defaults, k)]
+        if twice:
+            raise UserInputError(f"compile(model, config, ...): {', '.join(twice)} belong in the CompileConfig, "
+                                 "not in keywords too")
+    else:
+        config = CompileConfig(transform=transform, sparsity=0.75 if sparsity is _UNSET else sparsity, seed=seed,
+                               keep_dense=tuple(keep_dense), activation=activation, linear_norm=linear_norm,
+                               round_to=round_to, attention_width=attention_width, capacity=capacity,
+                               budget=budget, strict=strict, flop_tolerance=flop_tolerance)
+    return compile_config(model, config, example_inputs, example_kwargs, capture_method=capture_method,
+                          progress=progress, model_name=model_name, source=source, output=output,
+                          runtime=runtime, latency=latency)
+
+
+def _inputs_after_config(sparsity: Any, example_inputs: Any, example_kwargs: Any) -> Tuple[Any, Any]:
+    """compile(model, config, inputs[, kwargs]): the positional slots shift by one."""
+    if sparsity is _UNSET:
+        return example_inputs, example_kwargs
+    if example_kwargs is not None:
+        raise UserInputError("compile(model, config, example_inputs, example_kwargs): too many positional arguments")
+    if isinstance(example_inputs, dict) or example_inputs is None:
+        return sparsity, example_inputs
+    if isinstance(example_inputs, tuple) and not example_inputs:
+        return sparsity, None
+    raise UserInputError("compile(model, config, example_inputs, example_kwargs): example_kwargs must be a dict")
+
+
+def compile_config(model: nn.Module, config: CompileConfig, example_inputs: Any = (),
+                   example_kwargs: Optional[Dict[str, Any]] = None, *, capture_method: str = "auto",
+                   progress: Optional[TextIO] = None, model_name: str = "", source: Optional[Dict[str, Any]] = None,
+                   output: str = "auto", runtime: Optional[str] = None, latency: Optional[Any] = None,
+                   steps: int = 1) -> CompileResult:
+    """`compile` with the options in a `CompileConfig` (what `compile` calls; ``steps``: see `PassManager`)."""
     if output not in OUTPUTS:
         raise UserInputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
-    if budget == "latency" and capacity is None and transform != "none":
+    if config.budget == "latency" and config.capacity is None and config.transform != "none":
         from .latency import compile_for_latency
-        options = dict(seed=seed, keep_dense=keep_dense, activation=activation, linear_norm=linear_norm,
-                       round_to=round_to, attention_width=attention_width, capture_method=capture_method,
-                       model_name=model_name, source=source, output=output, strict=strict)
-        return compile_for_latency(model, transform, sparsity, example_inputs, example_kwargs, runtime, latency,
-                                   options, log=progress)
-    config = CompileConfig(transform=transform, sparsity=sparsity, seed=seed, keep_dense=tuple(keep_dense),
-                           activation=activation, linear_norm=linear_norm, round_to=round_to,
-                           attention_width=attention_width, capacity=capacity, budget=budget,
-                           strict=strict)
+        options = dict(capture_method=capture_method, model_name=model_name, source=source, output=output)
+        return compile_for_latency(model, config, example_inputs, example_kwargs, runtime, latency, options,
+                                   log=progress)
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     timing = TimingInstrument()
     captured = capture(model, args, kwargs, method=capture_method)
     kwargs = captured.kwargs
-    unit = CompilationUnit(captured.module, args, kwargs, config)
+    unit = CompilationUnit(captured.module, args, kwargs, config, record_baseline=True)
     unit.notes.extend(n for n in captured.notes if n.startswith("meta device"))
     unit.init_policy = init_policy_for(captured.model)
-    unit.baseline_layers = unit.analyses.get(LayerAnalysis)
-    unit.baseline = unit.analyses.get(FlopAnalysis)
-    unit.baseline_outputs = unit.analyses.get(ShapeAnalysis).outputs(unit.module)
     instruments = [timing] + ([ProgressInstrument(progress)] if progress is not None else [])
-    pipeline = get_pipeline(TRANSFORM_PIPELINES[transform], config, instruments)
+    pipeline = pipeline_for(config, instruments, steps)
     # New parameters (dense factors, norms) come from the seed, not from the caller's RNG state,
     # which stays untouched; sparse weights and masks have per-layer streams of their own.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(config.seed)
         pipeline.run(unit)
     check_as_asked(unit)  # warns, or raises with strict=True
     name = model_name or type(model).__name__
@@ -141,8 +181,8 @@ def compile(model: nn.Module, transform: str = "parallel", sparsity: float = 0.7
             unit.notes.append(f"graph form returned (a torch.fx.GraphModule, not {type(model).__name__}): {why}")
     method = captured.method
     del captured  # the private model copy: it is the native module now, or no longer needed
-    unit.module.sift_config = config  # lets flops()/export recognise a compiled module
-    module.sift_config = config
+    attach_config(unit.module, config)  # lets flops()/export recognise a compiled module
+    attach_config(module, config)
     report = current_report(unit, name, method)
     result = CompileResult(module, report, unit, config, method, timing.timings, source, chosen)
     if chosen == "native":
@@ -180,15 +220,14 @@ def flops(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[D
     A compiled module is measured as it is (its masks count); any other model is captured first.
     """
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
-    if isinstance(model, fx.GraphModule) and hasattr(model, "sift_config"):
-        gm, method, config = model, "compiled", model.sift_config
+    config = config_of(model)
+    if isinstance(model, fx.GraphModule) and config is not None:
+        gm, method = model, "compiled"
     else:
         captured = capture(model, args, kwargs, copy_model=False)  # reads the model: no copy of its weights
-        gm, method, config = captured.module, captured.method, CompileConfig()
-    unit = CompilationUnit(gm, args, kwargs, CompileConfig())
-    counts = unit.analyses.get(FlopAnalysis)
-    unit.baseline = counts
-    report = build_report(unit, unit.analyses.get(LayerAnalysis), counts, model=type(model).__name__, capture=method)
+        gm, method, config = captured.module, captured.method, config or CompileConfig()
+    unit = CompilationUnit(gm, args, kwargs, CompileConfig(), record_baseline=True)  # measured as it is
+    report = build_report(unit, unit.baseline_layers, unit.baseline, model=type(model).__name__, capture=method)
     report.transform = config.transform
     report.sparsity = config.sparsity
     return report

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from .errors import UserInputError
 
-TRANSFORMS = ("none", "parallel", "factorized", "doped", "wide")
 BUDGETS = ("flops", "latency")
 ACTIVATIONS = ("auto", "relu", "gelu", "silu")
 
@@ -31,6 +30,13 @@ class CompileConfig:
     ``budget``: "flops" (the paper: the compensation makes the model iso-FLOP) or "latency" (the
     sparse layers stay at s, no compensation, no iso-FLOP check; `sift_compiler.latency` searches
     the capacity whose measured latency meets the dense model's).
+
+    ``flop_tolerance``: None (default) lets the iso-FLOP check allow exactly what per-layer
+    rounding can explain (`passes.verify.rounding_bound`); a number replaces that bound with
+    ``|sift/dense - 1| <= flop_tolerance``.
+
+    ``transform`` is any name in the transform registry (`pipelines.transform_names`), including
+    ones registered with `pipelines.register_transform`.
     """
 
     transform: str = "none"
@@ -39,7 +45,7 @@ class CompileConfig:
     keep_dense: Tuple[str, ...] = ()
     activation: str = "auto"          # sigma between/after sparse Linear layers
     linear_norm: bool = False         # add a LayerNorm to sigma for Linear layers
-    flop_tolerance: float = 0.005     # |sift/dense - 1| allowed by the iso-FLOP check
+    flop_tolerance: Optional[float] = None  # |sift/dense - 1| allowed (None: what rounding explains; VerifyPass)
     round_to: int = 1                 # Sparse Wide: channel multiple
     attention_width: str = "keep"     # Sparse Wide on attention: keep heads x head_dim, or scale
     capacity: Optional[float] = None  # the transform's size, overriding the iso-FLOP formula (see above)
@@ -48,8 +54,9 @@ class CompileConfig:
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity, allow_zero=True)
-        if self.transform not in TRANSFORMS:
-            raise UserInputError(f"unknown transform {self.transform!r}: choose one of {', '.join(TRANSFORMS)}")
+        from .pipelines import transform_names  # the registry imports the passes, which import this module
+        if self.transform not in transform_names():
+            raise UserInputError(f"unknown transform {self.transform!r}: choose one of {', '.join(transform_names())}")
         if self.activation not in ACTIVATIONS:
             raise UserInputError(f"unknown activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         if self.round_to < 1:
@@ -61,12 +68,41 @@ class CompileConfig:
             raise UserInputError(f"capacity must be a positive number, got {self.capacity!r}")
         if self.budget not in BUDGETS:
             raise UserInputError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
-        if not 0 < self.flop_tolerance < 1:
+        if self.flop_tolerance is not None and not (isinstance(self.flop_tolerance, (int, float))
+                                                    and 0 < self.flop_tolerance < 1):
             raise UserInputError(f"flop_tolerance must lie in (0, 1), got {self.flop_tolerance}")
 
     @property
     def density(self) -> float:
         return 1.0 - self.sparsity
+
+    @property
+    def iso_flop(self) -> bool:
+        """Is the result meant to cost what the dense model does? (not for "none", a latency
+        budget, an explicit capacity, or a transform registered as not iso-FLOP)"""
+        from .pipelines import get_transform
+        return get_transform(self.transform).iso_flop and self.budget == "flops" and self.capacity is None
+
+
+def config_of(module: Any) -> Optional[CompileConfig]:
+    """The `CompileConfig` a module was compiled with, or None for a model sift did not compile.
+
+    Read from the ``sift_config`` attribute (kept by ``torch.save``) or from a GraphModule's
+    ``meta["sift_config"]`` (kept by ``copy.deepcopy``, which drops extra attributes).
+    """
+    config = getattr(module, "sift_config", None)
+    if config is None:
+        meta = getattr(module, "meta", None)
+        config = meta.get("sift_config") if isinstance(meta, dict) else None
+    return config if isinstance(config, CompileConfig) else None
+
+
+def attach_config(module: Any, config: CompileConfig) -> None:
+    """Record ``config`` on ``module`` so that it survives both deepcopy and torch.save (see `config_of`)."""
+    module.sift_config = config
+    meta = getattr(module, "meta", None)
+    if isinstance(meta, dict):
+        meta["sift_config"] = config
 
 
 def validate_sparsity(value: object, allow_zero: bool = False) -> float:

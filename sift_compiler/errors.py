@@ -105,6 +105,47 @@ def source_location(node: fx.Node) -> Optional[str]:
 def pass_error(pass_name: str, node: Optional[fx.Node], reason: str,
                history: Sequence[str] = (), cls: type = PassError) -> PassError:
     """Build a PassError that says which pass, where, why, and what ran before."""
+    error = cls(_in_pass(pass_name, node, reason, history))
+    _mark(error, pass_name, history, node)
+    return error
+
+
+def at_node(error: BaseException, node: fx.Node) -> BaseException:
+    """Record on ``error`` the graph node a pass was working on when it was raised (innermost wins).
+
+    The pass manager names that node, with its source line, in the message the user sees.
+    """
+    if getattr(error, "sift_node", None) is None:
+        error.sift_node = node
+    return error
+
+
+def add_pass_context(error: SiftError, pass_name: str, history: Sequence[str]) -> SiftError:
+    """Put the pass, the node (see `at_node`) and the passes before it into ``error``'s message, in place.
+
+    The error keeps its class (a `UserInputError` raised inside a pass is still one, and the CLI
+    exit code stays the class's), so the context goes into its message and its attributes
+    ``pass_name``, ``pass_history`` and ``sift_node``. An error that already names its pass is
+    left as it is.
+    """
+    if getattr(error, "pass_name", None) is not None:
+        return error
+    reason = str(error.args[0]) if error.args else type(error).__name__
+    prefix = f"[{pass_name}] "
+    message = _in_pass(pass_name, getattr(error, "sift_node", None), reason[len(prefix):]
+                       if reason.startswith(prefix) else reason, history)
+    error.args = (message,) + tuple(error.args[1:])
+    _mark(error, pass_name, history, getattr(error, "sift_node", None))
+    return error
+
+
+def _in_pass(pass_name: str, node: Optional[fx.Node], reason: str, history: Sequence[str]) -> str:
     where = f" at {describe_node(node)}" if node is not None else ""
-    after = f"; after passes {list(history)}" if history else ""
-    return cls(f"[{pass_name}] {reason}{where}{after}")
+    after = f"; after passes {list(history)}" if history else "; it was the first pass"
+    return f"[{pass_name}] {reason}{where}{after}"
+
+
+def _mark(error: BaseException, pass_name: str, history: Sequence[str], node: Optional[fx.Node]) -> None:
+    error.pass_name = pass_name
+    error.pass_history = list(history)
+    error.sift_node = node

@@ -263,23 +263,32 @@ def _answer(transform, sparsity, runtime, budget, iso, probes, chosen: Probe, no
                          chosen.flop_ratio, list(probes), note)
 
 
-def compile_for_latency(model, transform: str, sparsity: float, example_inputs, example_kwargs,
+def compile_for_latency(model, config, example_inputs, example_kwargs,
                         runtime: Optional[str], latency: Optional[LatencyBudget], options: Dict[str, Any],
                         log: Optional[TextIO] = None, measured: Optional[Dict[float, Probe]] = None):
     """`sift_compiler.compile` with ``budget="latency"`` and no capacity: search it, return the chosen model.
 
+    ``config``: the `CompileConfig` (its transform and sparsity; budget and capacity are set per
+    candidate); ``options``: the other keywords of `api.compile_config` (model_name, output...).
     The result's ``latency`` holds the `LatencySearch`; its report notes the chosen capacity.
     """
-    from .api import compile as sift_compile
+    import dataclasses
+
+    from .api import compile_config
+    from .config import CompileConfig
     check_runtime(runtime)
     budget = latency or LatencyBudget()
+    transform, sparsity = config.transform, config.sparsity
 
     def compile_at(capacity: Optional[float], output: str = "graph"):  # candidates need no native model
         settings = {**options, "output": output}
         if capacity is None:
-            return sift_compile(model, "none", 0.0, example_inputs, example_kwargs, **settings)
-        return sift_compile(model, transform, sparsity, example_inputs, example_kwargs, budget="latency",
-                            capacity=capacity, **settings)
+            dense = dataclasses.replace(config, transform="none", sparsity=0.0, budget="flops", capacity=None)
+            return compile_config(model, dense, example_inputs, example_kwargs, **settings)
+        candidate = dataclasses.replace(config, budget="latency", capacity=capacity)
+        return compile_config(model, candidate, example_inputs, example_kwargs, **settings)
+    if not isinstance(config, CompileConfig):
+        raise TypeError(f"compile_for_latency takes a CompileConfig, not {type(config).__name__}")
     found = search(transform, sparsity, compile_at, example_inputs, example_kwargs, runtime, budget, log, measured)
     result = compile_at(found.capacity, options.get("output", "auto"))
     result.latency = found

@@ -1,33 +1,112 @@
-"""Named pipelines: a transform name -> the list of passes that implements it.
+"""The transform registry and the named pipelines behind it.
 
-``get_pipeline("sparse-parallel")(config)`` returns a `PassManager`. Register new ones with
-``@register_pipeline("my-name")`` on a function ``config -> list[Pass]``; duplicates are refused
-and unknown names get the list of valid ones.
+A *pipeline* is a name -> a function ``config -> list[Pass]``: ``get_pipeline("sparse-parallel",
+config)`` returns a `PassManager`. Register new ones with ``@register_pipeline("my-name")``.
+
+A *transform* is what users name (``sift.compile(model, "parallel", ...)``, ``sift-compile
+--transform parallel``): `register_transform` maps it to a pipeline, its main pass class and a
+one-line summary. This one table feeds `CompileConfig` validation, the CLIs' ``--transform``
+choices and help, `compile`, the exporters and `load`; a transform a user registers is reachable
+from all of them. Duplicates are refused and unknown names get the list of valid ones.
+
+Pipelines build their passes from frozen option objects made from the `CompileConfig`
+(`RewriteOptions`), not from the global ``unit.config``.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
 from .config import CompileConfig
 from .errors import UserInputError
 from .passes.base import Pass, PassInstrument, PassManager
-from .passes.compensate import IsoFlopCompensationPass
+from .passes.compensate import CompensationOptions, IsoFlopCompensationPass
 from .passes.init_masks import InitMasksPass
 from .passes.sparse_doped import SparseDopedPass
 from .passes.sparse_factorized import SparseFactorizedPass
 from .passes.sparse_parallel import SparseParallelPass
 from .passes.sparse_wide import SparseWidePass
-from .passes.verify import VerifyPass
+from .passes.verify import VerifyOptions, VerifyPass
 
 PipelineFactory = Callable[[CompileConfig], List[Pass]]
 _PIPELINES: Dict[str, PipelineFactory] = {}
 
-# CLI transform name -> pipeline name
-TRANSFORM_PIPELINES = {"none": "dense-baseline", "parallel": "sparse-parallel", "factorized": "sparse-factorized",
-                       "doped": "sparse-doped", "wide": "sparse-wide"}
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """One row of the transform registry (see the module docstring)."""
+
+    name: str                          # what users type: "parallel"
+    pipeline: str                      # the registered pipeline that implements it: "sparse-parallel"
+    main_pass: Optional[type] = None   # the rewrite pass class (None: no rewrite, e.g. "none")
+    summary: str = ""                  # one line for --help
+    iso_flop: bool = True              # VerifyPass checks the result costs what the dense model does
+
+
+_TRANSFORMS: Dict[str, TransformSpec] = {}
+# transform name -> pipeline name: a live view of the registry, for older callers
+TRANSFORM_PIPELINES: Dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class RewriteOptions:
+    """What a rewrite pass needs from the `CompileConfig`, frozen (passes never read it globally)."""
+
+    sparsity: float
+    capacity: Optional[float] = None
+    round_to: int = 1
+    defer_init: bool = True
+
+    @staticmethod
+    def of(config: CompileConfig) -> "RewriteOptions":
+        return RewriteOptions(config.sparsity, config.capacity, config.round_to)
+
+
+def register_transform(name: str, pipeline: str, main_pass: Optional[type] = None, summary: str = "",
+                       iso_flop: bool = True) -> TransformSpec:
+    """Make ``name`` a transform: ``sift.compile(model, name, ...)`` and ``sift-compile -t name`` run ``pipeline``.
+
+    ``pipeline`` must be registered (`register_pipeline`); ``iso_flop=False`` skips the iso-FLOP
+    check of `VerifyPass` for this transform.
+    """
+    if name in _TRANSFORMS:
+        raise ValueError(f"transform {name!r} is already registered")
+    if pipeline not in _PIPELINES:
+        raise UserInputError(f"transform {name!r}: unknown pipeline {pipeline!r}; known: {', '.join(pipeline_names())}")
+    spec = TransformSpec(name, pipeline, main_pass, summary, iso_flop)
+    _TRANSFORMS[name] = spec
+    TRANSFORM_PIPELINES[name] = pipeline
+    return spec
+
+
+def transform_names() -> List[str]:
+    """The registered transform names, built-in ones first (in registration order)."""
+    return list(_TRANSFORMS)
+
+
+def get_transform(name: str) -> TransformSpec:
+    """The registry row of transform ``name``."""
+    if name not in _TRANSFORMS:
+        raise UserInputError(f"unknown transform {name!r}: choose one of {', '.join(transform_names())}")
+    return _TRANSFORMS[name]
+
+
+def transforms_help() -> str:
+    """'none: ..., parallel: ...': the registry's summaries, for the CLIs' --transform help."""
+    return "; ".join(f"{t.name}: {t.summary}" if t.summary else t.name for t in _TRANSFORMS.values())
+
+
+def pipeline_for(config: CompileConfig, instruments: Sequence[PassInstrument] = (), steps: int = 1) -> PassManager:
+    """The pipeline of ``config.transform``, built for ``config``."""
+    spec = get_transform(config.transform)
+    manager = get_pipeline(spec.pipeline, config, instruments)
+    manager.steps = steps
+    return manager
 
 
 def register_pipeline(name: str) -> Callable[[PipelineFactory], PipelineFactory]:
+    """Decorator: register ``factory`` (``config -> list[Pass]``) as pipeline ``name``."""
     def register(factory: PipelineFactory) -> PipelineFactory:
         if name in _PIPELINES:
             raise ValueError(f"pipeline {name!r} is already registered")
@@ -37,6 +116,7 @@ def register_pipeline(name: str) -> Callable[[PipelineFactory], PipelineFactory]
 
 
 def pipeline_names() -> List[str]:
+    """The registered pipeline names, sorted."""
     return sorted(_PIPELINES)
 
 
@@ -47,31 +127,47 @@ def get_pipeline(name: str, config: CompileConfig, instruments: Sequence[PassIns
     return PassManager(_PIPELINES[name](config), name=name, instruments=instruments)
 
 
-def _finish() -> List[Pass]:
-    # the rewrites run with defer_init=True: InitMasksPass draws their weights after their masks
-    return [IsoFlopCompensationPass(), InitMasksPass(), VerifyPass()]
+def finish_passes(config: CompileConfig) -> List[Pass]:
+    """What every rewrite pipeline ends with: compensation, mask and weight draws, verification.
+
+    The rewrites run with defer_init=True: InitMasksPass draws their weights after their masks.
+    """
+    return [IsoFlopCompensationPass(CompensationOptions.of(config)), InitMasksPass(),
+            VerifyPass(VerifyOptions.of(config))]
 
 
 @register_pipeline("dense-baseline")
 def dense_baseline_pipeline(config: CompileConfig) -> List[Pass]:
-    return [VerifyPass()]
+    return [VerifyPass(VerifyOptions.of(config))]
 
 
 @register_pipeline("sparse-parallel")
 def sparse_parallel_pipeline(config: CompileConfig) -> List[Pass]:
-    return [SparseParallelPass(config.sparsity, defer_init=True, capacity=config.capacity), *_finish()]
+    o = RewriteOptions.of(config)
+    return [SparseParallelPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity), *finish_passes(config)]
 
 
 @register_pipeline("sparse-factorized")
 def sparse_factorized_pipeline(config: CompileConfig) -> List[Pass]:
-    return [SparseFactorizedPass(config.sparsity, defer_init=True, capacity=config.capacity), *_finish()]
+    o = RewriteOptions.of(config)
+    return [SparseFactorizedPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity), *finish_passes(config)]
 
 
 @register_pipeline("sparse-doped")
 def sparse_doped_pipeline(config: CompileConfig) -> List[Pass]:
-    return [SparseDopedPass(config.sparsity, defer_init=True, capacity=config.capacity), *_finish()]
+    o = RewriteOptions.of(config)
+    return [SparseDopedPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity), *finish_passes(config)]
 
 
 @register_pipeline("sparse-wide")
 def sparse_wide_pipeline(config: CompileConfig) -> List[Pass]:
-    return [SparseWidePass(config.sparsity, config.round_to, defer_init=True, factor=config.capacity), *_finish()]
+    o = RewriteOptions.of(config)
+    return [SparseWidePass(o.sparsity, o.round_to, defer_init=o.defer_init, factor=o.capacity),
+            *finish_passes(config)]
+
+
+register_transform("none", "dense-baseline", None, "the dense baseline (no rewrite)", iso_flop=False)
+register_transform("parallel", "sparse-parallel", SparseParallelPass, "B sparse branches summed")
+register_transform("factorized", "sparse-factorized", SparseFactorizedPass, "W -> U sigma V, sparse factors")
+register_transform("doped", "sparse-doped", SparseDopedPass, "a dense low-rank UV plus a sparse M")
+register_transform("wide", "sparse-wide", SparseWidePass, "sparse layers k times wider")

@@ -113,19 +113,15 @@ def _rebuild_source(source: Optional[Dict[str, Any]], trust_source: bool) -> nn.
 
 
 def _compile_from_plan(plan: Dict[str, Any], dense: nn.Module):
-    from .api import compile
+    from .api import compile_config
     args = [_make_input(a, dense) for a in plan["inputs"]["args"]]
     kwargs = {k: _make_input(v, dense) for k, v in plan["inputs"]["kwargs"].items()}
     cfg = dict(plan["config"])
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()
            if k in CompileConfig.__dataclass_fields__}  # files from older versions may carry removed options
     config = CompileConfig(**cfg)
-    return compile(dense, config.transform, config.sparsity, tuple(args), kwargs, seed=config.seed,
-                   keep_dense=config.keep_dense, activation=config.activation, linear_norm=config.linear_norm,
-                   round_to=config.round_to, attention_width=config.attention_width,
-                   capacity=config.capacity, budget=config.budget,
-                   capture_method=plan.get("capture_method", "auto"), source=plan.get("source"),
-                   output=plan.get("output", "graph"))
+    return compile_config(dense, config, tuple(args), kwargs, capture_method=plan.get("capture_method", "auto"),
+                          source=plan.get("source"), output=plan.get("output", "graph"))
 
 
 def _install_state(result, state: Dict[str, torch.Tensor], path: str, allow_tied: bool = False) -> None:

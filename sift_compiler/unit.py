@@ -1,14 +1,20 @@
 """The `CompilationUnit`: what every pass works on.
 
-It holds the GraphModule, the example inputs, the config, the analysis cache, a generation
-counter that every edit bumps (graph or masks), the names of the passes that ran, the
-per-layer decisions the report shows, and the rewrite log: every module, tensor and literal a
-pass replaced, which `native` replays on the user's own model.
+It holds the GraphModule, the example inputs, the config, the dense baseline, the analysis
+cache, a generation counter that every edit bumps (graph or masks), the names of the passes that
+ran, the per-layer decisions the report shows, and the rewrite log: every module, tensor and
+literal a pass replaced, which `native` replays on the user's own model.
+
+Graph edits bump the generation through `CompilationUnit.touch`. Mask edits bump it by
+themselves: the generation also watches a stamp of every mask tensor (its identity and its
+autograd ``_version`` counter), so an in-place edit (a training engine's update,
+``load_state_dict``, `MaskedLayer.set_mask`) or a replaced mask (``install_mask``) makes every
+analysis computed before it stale, without anyone calling ``touch``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -18,6 +24,10 @@ import torch.utils._pytree as pytree
 
 from .analyses.manager import AnalysisManager
 from .config import CompileConfig
+
+if TYPE_CHECKING:
+    from .analyses.flops import FlopCounts
+    from .analyses.layers import LayerTable
 
 
 @dataclass
@@ -94,26 +104,89 @@ class RewriteLog:
                                             source_location(node) or ""))
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The dense model as captured, before any pass: the iso-FLOP target and what must not change."""
+
+    flops: "FlopCounts"      # the iso-FLOP target (``weight_dense``)
+    layers: "LayerTable"     # the dense weight layers (the report's rows)
+    outputs: Any             # output TensorSpecs (VerifyPass: the rewrite keeps shapes and dtypes)
+
+
 class CompilationUnit:
-    """A graph module plus everything passes share about it."""
+    """A graph module plus everything passes share about it.
+
+    ``record_baseline=True`` measures the dense `Baseline` now, before any pass runs (what
+    `sift_compiler.compile` does); otherwise `record_baseline` can be called later.
+    """
 
     def __init__(self, module: fx.GraphModule, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None,
-                 config: Optional[CompileConfig] = None) -> None:
+                 config: Optional[CompileConfig] = None, record_baseline: bool = False) -> None:
         self.module = module
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
         self.config = config or CompileConfig()
-        self.generation = 0
+        self._edits = 0                       # graph edits (touch) and mask edits seen so far
+        self._mask_layers: Optional[list] = None  # the masked layers at graph edit ``_mask_layers_at``
+        self._mask_layers_at = -1
+        self._mask_stamp: Optional[int] = None
         self.analyses = AnalysisManager(self)
         self.history: List[str] = []
         self.decisions: Dict[str, LayerDecision] = {}
         self.notes: List[str] = []
         self.effective_sparsity: Optional[float] = None
-        self.baseline = None  # FlopCounts of the graph before any pass (the iso-FLOP target)
-        self.baseline_outputs = None  # output TensorSpecs before any pass
-        self.baseline_layers = None   # LayerTable before any pass
+        self.dense_baseline: Optional[Baseline] = None
         self.rewrites = RewriteLog()
         self.init_policy = None  # how new modules are initialised (`initialization.init_policy_for`)
+        if record_baseline:
+            self.record_baseline()
+
+    def record_baseline(self) -> Baseline:
+        """Measure the graph as it is now as the dense `Baseline` (once, before any pass)."""
+        from .analyses.flops import FlopAnalysis
+        from .analyses.layers import LayerAnalysis
+        from .analyses.shapes import ShapeAnalysis
+        self.dense_baseline = Baseline(self.analyses.get(FlopAnalysis), self.analyses.get(LayerAnalysis),
+                                       self.analyses.get(ShapeAnalysis).outputs(self.module))
+        return self.dense_baseline
+
+    @property
+    def baseline(self) -> Optional["FlopCounts"]:
+        """FLOPs of the graph before any pass (the iso-FLOP target), or None before `record_baseline`."""
+        return self.dense_baseline.flops if self.dense_baseline is not None else None
+
+    @property
+    def baseline_layers(self) -> Optional["LayerTable"]:
+        """The dense weight layers before any pass."""
+        return self.dense_baseline.layers if self.dense_baseline is not None else None
+
+    @property
+    def baseline_outputs(self) -> Any:
+        """Output TensorSpecs before any pass."""
+        return self.dense_baseline.outputs if self.dense_baseline is not None else None
+
+    @property
+    def generation(self) -> int:
+        """A counter that grows with every edit of the graph (`touch`) or of any mask tensor.
+
+        Analyses are stamped with it; one read at another generation is recomputed.
+        """
+        stamp = self._masks_stamp()
+        if stamp != self._mask_stamp:
+            if self._mask_stamp is not None:
+                self._edits += 1
+            self._mask_stamp = stamp
+        return self._edits
+
+    def _masks_stamp(self) -> int:
+        # the layer list only changes with the graph (passes touch() when they splice modules), so
+        # it is cached per graph edit; the stamp itself reads each mask's identity and version
+        if self._mask_layers is None or self._mask_layers_at != self._edits:
+            from .sparsity.layers import MaskedLayer
+            self._mask_layers = [m for m in self.module.modules() if isinstance(m, MaskedLayer)]
+            self._mask_layers_at = self._edits
+        return hash(tuple((id(mask), _version_of(mask)) for mask in
+                          (getattr(layer, "weight_mask", None) for layer in self._mask_layers)))
 
     @property
     def graph(self) -> fx.Graph:
@@ -125,8 +198,12 @@ class CompilationUnit:
         return on_meta_device(self.module)
 
     def touch(self) -> None:
-        """Record that the graph or the masks changed: cached analyses become stale."""
-        self.generation += 1
+        """Record that the graph (or anything an analysis reads) changed: cached analyses become stale.
+
+        Mask tensors need no call: the generation watches them (see the module docstring).
+        """
+        self._mask_stamp = None  # re-read after the edit without counting it twice
+        self._edits += 1
 
     def flat_inputs(self) -> List[Any]:
         """The example inputs in the order of the graph's placeholders."""
@@ -136,6 +213,16 @@ class CompilationUnit:
     def batch_size(self) -> int:
         first = next((t for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)), None)
         return int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+
+
+def _version_of(tensor: Optional[torch.Tensor]) -> int:
+    """The autograd version counter of ``tensor`` (bumped by every in-place edit); -1 if it has none."""
+    if tensor is None:
+        return -1
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return -1
 
 
 def on_meta_device(module: nn.Module) -> bool:

@@ -39,8 +39,7 @@ class Net(nn.Module):
 def unit_for(model, transform="parallel", sparsity=0.75, x=None):
     x = torch.randn(1, 3, 16, 16) if x is None else x
     gm = capture(model, (x,)).module
-    unit = CompilationUnit(gm, (x,), config=CompileConfig(transform, sparsity))
-    unit.baseline = unit.analyses.get(FlopAnalysis)
+    unit = CompilationUnit(gm, (x,), config=CompileConfig(transform, sparsity), record_baseline=True)
     return unit
 
 

@@ -1,13 +1,16 @@
 """Analyses computed once per graph generation and shared by passes (MLIR's model).
 
-``unit.analyses.get(ShapeAnalysis)`` computes the result on first use and caches it by class.
-A pass that edits the graph bumps ``unit.generation``; after the pass, the pass manager calls
-``invalidate(preserved)`` and everything the pass did not declare preserved is dropped. A result
-read after its graph changed, without the pass declaring it preserved, is recomputed.
+``unit.analyses.get(ShapeAnalysis)`` computes the result on first use and caches it by class,
+stamped with ``unit.generation``. A pass that edits the graph bumps the generation (mask edits
+bump it by themselves: `unit`); after the pass, the pass manager calls
+``invalidate(preserved, start_generation)``: everything the pass did not declare preserved is
+dropped, and a preserved result is re-stamped as current only if it was current when the pass
+started (a result that was already stale stays stale). A result read at another generation than
+its stamp is recomputed.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, FrozenSet, Generic, Type, TypeVar
+from typing import TYPE_CHECKING, Dict, FrozenSet, Generic, Optional, Type, TypeVar
 
 if TYPE_CHECKING:
     from ..unit import CompilationUnit
@@ -42,10 +45,23 @@ class AnalysisManager:
         self.computed[analysis.name] = self.computed.get(analysis.name, 0) + 1
         return result
 
-    def invalidate(self, preserved: FrozenSet[type] = frozenset()) -> None:
-        """Drop every result except ``preserved`` ones, which are re-stamped as current."""
+    def is_current(self, analysis: type) -> bool:
+        """Is a result of ``analysis`` cached for the unit as it is now?"""
+        cached = self._cache.get(analysis)
+        return cached is not None and cached[0] == self._unit.generation
+
+    def invalidate(self, preserved: FrozenSet[type] = frozenset(), start_generation: Optional[int] = None) -> None:
+        """Drop every result except ``preserved`` ones computed at ``start_generation``, re-stamped as current.
+
+        ``start_generation``: the unit's generation when the pass began; a preserved result from an
+        older generation was stale before the pass and is dropped too. None: the current
+        generation (nothing is re-stamped across an edit).
+        """
+        now = self._unit.generation
+        start = now if start_generation is None else start_generation
         for analysis in list(self._cache):
-            if analysis in preserved:
-                self._cache[analysis] = (self._unit.generation, self._cache[analysis][1])
+            stamp, result = self._cache[analysis]
+            if analysis in preserved and stamp == start:
+                self._cache[analysis] = (now, result)
             else:
                 del self._cache[analysis]

@@ -29,6 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from ..config import attach_config, config_of
 from ..errors import CaptureError, UserInputError, first_line
 from ..sparsity.layers import MaskedLayer
 from ..unit import on_meta_device
@@ -227,7 +228,7 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
 
 
 def _compiled(module: nn.Module) -> bool:
-    return getattr(module, "sift_config", None) is not None or any(
+    return config_of(module) is not None or any(
         isinstance(m, MaskedLayer) or getattr(type(m), "sift_rule", None) for m in module.modules())
 
 
@@ -241,8 +242,8 @@ def graph_of(module: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dic
     if isinstance(module, fx.GraphModule) or not _compiled(module):
         return module  # a plain model has nothing of sift's to find
     gm = capture(module, args, kwargs, verify=False, copy_model=False).module
-    if getattr(module, "sift_config", None) is not None:
-        gm.sift_config = module.sift_config
+    if config_of(module) is not None:
+        attach_config(gm, config_of(module))
     return gm
 
 

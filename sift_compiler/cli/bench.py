@@ -21,7 +21,7 @@ import sys
 import tempfile
 from typing import List, Optional, Sequence
 
-from ..pipelines import TRANSFORM_PIPELINES
+from ..pipelines import transform_names
 from ._common import run_main, sparsity_list_arg
 
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                "(compiled with each --transform at each --sparsity, plus the dense baseline).")
     p.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files and/or model specs")
     p.add_argument("--transform", "-t", default="parallel",
-                   help=f"comma list of transforms for model specs: {', '.join(TRANSFORM_PIPELINES)} "
+                   help=f"comma list of transforms for model specs: {', '.join(transform_names())} "
                         "(default parallel)")
     p.add_argument("--sparsity", "-s", type=sparsity_list_arg, default=None,
                    help="comma list of sparsities for model specs, e.g. 0.5,0.75,0.9 (required with a spec)")
@@ -87,9 +87,9 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if args.warmup < 0 or (args.num_cores is not None and args.num_cores < 1):
         parser.error("--warmup must be >= 0 and --num-cores >= 1")
     transforms = [t.strip() for t in args.transform.split(",") if t.strip()]
-    bad = [t for t in transforms if t not in TRANSFORM_PIPELINES]
+    bad = [t for t in transforms if t not in transform_names()]
     if bad:
-        raise UserInputError(f"unknown transform {bad[0]!r}: choose from {', '.join(TRANSFORM_PIPELINES)}")
+        raise UserInputError(f"unknown transform {bad[0]!r}: choose from {', '.join(transform_names())}")
     args.transforms = transforms
     specs = [m for m in args.models if not m.lower().endswith(".onnx")]
     if specs and not args.sparsity and any(t != "none" for t in transforms):

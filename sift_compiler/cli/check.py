@@ -16,7 +16,8 @@ import json
 import sys
 from typing import List, Optional, Sequence
 
-from ..pipelines import TRANSFORM_PIPELINES
+from ..config import CompileConfig
+from ..pipelines import transform_names, transforms_help
 from ._common import run_main, sparsity_arg
 
 
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                "(weights from --weights, or drawn after torch.manual_seed(--seed) as sift-bench does).")
     p.add_argument("files", nargs="+", metavar="MODEL.onnx", help="ONNX files to check")
     p.add_argument("--against", metavar="MODEL", help="the torch model the files were exported from")
-    p.add_argument("--transform", "-t", choices=list(TRANSFORM_PIPELINES), help="with a MODEL spec: its transform")
+    p.add_argument("--transform", "-t", choices=transform_names(),
+                   help=f"with a MODEL spec: its transform ({transforms_help()})")
     p.add_argument("--sparsity", "-s", type=sparsity_arg, help="with a MODEL spec: its sparsity")
     p.add_argument("--weights", help="with a MODEL spec: a state dict of the dense model")
     p.add_argument("--seed", type=int, default=0, help="with a MODEL spec: seed of weights and masks (default 0)")
@@ -91,8 +93,8 @@ def _load_against(args: argparse.Namespace):
         raise UserInputError(f"--against {args.against} with --transform {transform} needs --sparsity")
     torch.manual_seed(args.seed)
     source = load_model(args.against, weights=args.weights)
-    return sift_compile(source.module, transform, args.sparsity or 0.0, source.args, source.kwargs, seed=args.seed,
-                        model_name=args.against)
+    config = CompileConfig(transform=transform, sparsity=args.sparsity or 0.0, seed=args.seed)
+    return sift_compile(source.module, config, source.args, source.kwargs, model_name=args.against)
 
 
 def _torch_reference(result, feeds):

@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Optional, Sequence
 
-from ..config import ACTIVATIONS
+from ..config import ACTIVATIONS, CompileConfig
 from ..errors import UserInputError
 from ..native import OUTPUTS
-from ..pipelines import TRANSFORM_PIPELINES
+from ..pipelines import transform_names, transforms_help
 from ._common import all_or_nothing, run_main, sparsity_arg
 
 
@@ -22,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="MODEL: torchvision:NAME | timm:NAME | transformers:MODEL_TYPE | package.module:callable | FILE.pt "
                "(options after commas: torchvision:resnet18,num_classes=10). Nothing is downloaded.")
     p.add_argument("model", metavar="MODEL", help="the model to compile (see below)")
-    p.add_argument("--transform", "-t", choices=list(TRANSFORM_PIPELINES), default="parallel",
-                   help="Sparse-IFT member, or 'none' for the dense baseline (default: parallel)")
+    p.add_argument("--transform", "-t", choices=transform_names(), default="parallel",
+                   help=f"Sparse-IFT member, or 'none' for the dense baseline (default: parallel): {transforms_help()}")
     p.add_argument("--sparsity", "-s", type=sparsity_arg, default=None,
                    help="sparsity s in (0, 1): the fraction of zero weights in sparse layers (required unless "
                         "--transform none)")
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--budget latency: latency allowed, as a multiple of the dense model's (default 1.0)")
     p.add_argument("--rounds", type=int, default=5,
                    help="--budget latency: interleaved rounds (dense, candidate) per measurement (default 5)")
+    p.add_argument("--flop-tolerance", type=float, default=None,
+                   help="allow |sift/dense - 1| FLOPs up to this (default: only what per-layer rounding explains; "
+                        "a larger miss is an error)")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 2) when the transform cannot be applied as asked, instead of warning")
     p.add_argument("--max-layers", type=int, default=None, help="print at most this many layer rows")
@@ -114,19 +118,23 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     source = load_model(args.model, shape, dtype, trust_pickle=args.trust_pickle, weights=args.weights,
                         meta=args.meta)
     print(f"sift-compile: compiling ({args.transform}, input {source.describe_input()})", file=sys.stderr, flush=True)
-    options = dict(seed=args.seed, keep_dense=args.keep_dense, activation=args.activation,
-                   linear_norm=args.linear_norm, round_to=args.round_to, attention_width=args.attention_width,
-                   progress=sys.stderr if args.verbose else None, model_name=args.model,
+    config = CompileConfig(transform=args.transform, sparsity=sparsity, seed=args.seed,
+                           keep_dense=tuple(args.keep_dense), activation=args.activation, linear_norm=args.linear_norm,
+                           round_to=args.round_to, attention_width=args.attention_width, strict=args.strict,
+                           budget=args.budget, capacity=args.capacity, flop_tolerance=args.flop_tolerance)
+    options = dict(progress=sys.stderr if args.verbose else None, model_name=args.model,
                    source={"spec": args.model, "family": source.family, "weights": args.weights},
-                   output=args.output_form, strict=args.strict)
+                   output=args.output_form)
 
     def compile_with(**changes):
-        return sift_compile(source.module, args.transform, sparsity, source.args, source.kwargs,
-                            **{**options, **changes})
-    options.update(budget=args.budget, capacity=args.capacity)
+        """Recompile with some options changed (the export remedies): config fields or compile keywords."""
+        fields = {k: v for k, v in changes.items() if k in CompileConfig.__dataclass_fields__}
+        others = {k: v for k, v in changes.items() if k not in fields}
+        changed = dataclasses.replace(config, **fields)
+        return sift_compile(source.module, changed, source.args, source.kwargs, **{**options, **others})
     if args.budget == "latency" and args.capacity is None:
-        result = _search_latency(args, source, sparsity, options)
-        options["capacity"] = result.latency.capacity  # remedies recompile the chosen size
+        result = _search_latency(args, source, config, options)
+        config = dataclasses.replace(config, capacity=result.latency.capacity)  # remedies recompile the chosen size
     else:
         result = compile_with()
     if not args.quiet:
@@ -167,14 +175,14 @@ def _write_onnx(result, source, args, written, compile_with):
     return result, info.outcome
 
 
-def _search_latency(args, source, sparsity, options):
+def _search_latency(args, source, config, options):
     """--budget latency: measure, print the search, return the chosen model."""
     from ..latency import LatencyBudget, compile_for_latency
     print(f"sift-compile: searching the capacity whose latency on {args.runtime} (batch {args.batch_size}) is at "
           f"most {args.latency_ratio:g}x the dense model's", file=sys.stderr, flush=True)
     budget = LatencyBudget(batch_size=args.batch_size, ratio=args.latency_ratio, rounds=args.rounds)
-    search_options = {k: v for k, v in options.items() if k not in ("budget", "capacity", "progress")}
-    result = compile_for_latency(source.module, args.transform, sparsity, source.args, source.kwargs, args.runtime,
+    search_options = {k: v for k, v in options.items() if k != "progress"}
+    result = compile_for_latency(source.module, config, source.args, source.kwargs, args.runtime,
                                  budget, search_options, log=sys.stderr)
     if not args.quiet:
         print(result.latency.table() + "\n")

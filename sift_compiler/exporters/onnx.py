@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..capture.tracer import graph_of
+from ..config import config_of
 from ..errors import ExportError, UserInputError, VerificationFailed, first_line
 from ..io import check_writable
 from ..sparsity.layers import iter_masked, plain_copy
@@ -194,7 +195,7 @@ def _publish(staged: List[str], directory: str) -> None:
 def _export_metadata(module: nn.Module, form: str, opset: int) -> Dict[str, Any]:
     from .. import __version__
     meta: Dict[str, Any] = {"sift_compiler": __version__, "form": form, "opset": opset, "torch": torch.__version__}
-    config = getattr(module, "sift_config", None)
+    config = config_of(module)
     if config is not None:
         meta.update(transform=config.transform, sparsity=config.sparsity, seed=config.seed)
     return meta

@@ -47,6 +47,7 @@ def export_variants(spec: str, transforms: Sequence[str], sparsities: Sequence[f
     ``log``: where to say what is being compiled (e.g. ``sys.stderr``); silent by default.
     """
     from ..api import compile as sift_compile
+    from ..config import CompileConfig
     from ..capture.sources import load_model
     family = family_name(spec)
     torch.manual_seed(seed)
@@ -59,8 +60,8 @@ def export_variants(spec: str, transforms: Sequence[str], sparsities: Sequence[f
         if log:
             print(f"sift: compiling and exporting {label} (input {source.describe_input()})", file=log, flush=True)
         start = time.perf_counter()
-        result = sift_compile(source.module, transform, sparsity, source.args, source.kwargs, seed=seed,
-                              model_name=spec)
+        config = CompileConfig(transform=transform, sparsity=sparsity, seed=seed)
+        result = sift_compile(source.module, config, source.args, source.kwargs, model_name=spec)
         compiled = time.perf_counter() - start
         path = os.path.join(out_dir, f"{label}.onnx")
         start = time.perf_counter()

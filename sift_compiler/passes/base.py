@@ -4,6 +4,19 @@ A pass works in place on a `CompilationUnit`: ``requires`` -> ``call`` -> ``ensu
 ``call`` returns a `PassResult` saying, honestly, whether it changed anything and which analyses
 it preserved (none by default, as in MLIR). The manager invalidates the rest, runs instruments
 around each pass, and re-raises failures with the pass name and the passes that ran before.
+
+The contract enforces itself:
+
+* ``modified=False`` while the unit's generation moved (a graph edit, or any mask tensor edited
+  or replaced) is a `PassError` naming the pass: a pass cannot lie about what it changed;
+* a preserved analysis is re-stamped only if it was current when the pass started;
+* any error raised in ``requires``/``call``/``ensures`` reaches the user with the pass name, the
+  passes before it, and the node (with its source line) where the pass recorded one
+  (`errors.at_node`). A `SiftError` keeps its class (the context goes into its message, see
+  `errors.add_pass_context`); anything else becomes a `PassError`.
+
+`PassManager` runs the pipeline up to ``steps`` times; with ``early_stop`` it stops after the
+first full run that modified nothing (which relies on the honest ``modified`` above).
 """
 from __future__ import annotations
 
@@ -12,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, FrozenSet, Sequence
 
-from ..errors import PassError, PostconditionError, PreconditionError, SiftError
+from ..errors import PassError, PostconditionError, PreconditionError, SiftError, add_pass_context, pass_error
 
 if TYPE_CHECKING:
     from ..unit import CompilationUnit
@@ -22,6 +35,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PassResult:
+    """What a pass did: whether it changed the unit, and which analyses stay valid if it did."""
+
     modified: bool
     preserved: FrozenSet[type] = frozenset()
 
@@ -46,21 +61,34 @@ class Pass:
         try:
             self.requires(unit)
         except PassError as e:
-            raise PreconditionError(f"[{self.name}] precondition failed: {e}; after passes {history}") from e
+            if isinstance(e, PreconditionError):
+                raise add_pass_context(e, self.name, history)
+            raise pass_error(self.name, getattr(e, "sift_node", None), f"precondition failed: {e}", history,
+                             PreconditionError) from e
+        except SiftError as e:
+            raise add_pass_context(e, self.name, history)
+        start = unit.generation
         try:
             result = self.call(unit)
-        except SiftError:
-            raise
+        except SiftError as e:  # keeps its class: the user (and the CLI's exit code) still see what it is
+            raise add_pass_context(e, self.name, history)
         except Exception as e:
-            raise PassError(f"[{self.name}] failed: {type(e).__name__}: {e}; after passes {history}") from e
+            raise pass_error(self.name, getattr(e, "sift_node", None), f"failed: {type(e).__name__}: {e}",
+                             history) from e
         if not isinstance(result, PassResult):
             raise TypeError(f"pass {self.name!r} returned {type(result).__name__}, not PassResult")
+        if not result.modified and unit.generation != start:
+            raise pass_error(self.name, None, "returned modified=False but changed the unit (its generation moved "
+                             f"from {start} to {unit.generation}: a graph edit or a mask edit)", history)
         try:
             self.ensures(unit)
-        except PostconditionError:
-            raise
+        except PostconditionError as e:
+            raise add_pass_context(e, self.name, history)
         except PassError as e:
-            raise PostconditionError(f"[{self.name}] postcondition failed: {e}; after passes {history}") from e
+            raise pass_error(self.name, getattr(e, "sift_node", None), f"postcondition failed: {e}", history,
+                             PostconditionError) from e
+        except SiftError as e:
+            raise add_pass_context(e, self.name, history)
         return result
 
     def __repr__(self) -> str:
@@ -102,21 +130,41 @@ class ProgressInstrument(PassInstrument):
 
 
 class PassManager:
-    """Runs passes in order on a unit; see the module docstring."""
+    """Runs passes in order on a unit; see the module docstring.
+
+    ``steps``: how many times the whole pipeline may run (1: once, today's pipelines);
+    ``early_stop``: stop after a run in which no pass modified the unit.
+    """
 
     def __init__(self, passes: Sequence[Pass], name: str = "pipeline",
-                 instruments: Sequence[PassInstrument] = ()) -> None:
+                 instruments: Sequence[PassInstrument] = (), steps: int = 1, early_stop: bool = True) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
         self.passes = list(passes)
         self.name = name
         self.instruments = list(instruments)
+        self.steps = steps
+        self.early_stop = early_stop
 
     def run(self, unit: "CompilationUnit") -> bool:
+        """Run the pipeline (up to ``steps`` times); True if any pass modified the unit."""
+        modified = False
+        for step in range(self.steps):
+            step_modified = self._run_once(unit)
+            modified |= step_modified
+            log.debug("%s: step %d modified=%s", self.name, step + 1, step_modified)
+            if self.early_stop and not step_modified:
+                break
+        return modified
+
+    def _run_once(self, unit: "CompilationUnit") -> bool:
         modified = False
         for p in self.passes:
             for instrument in self.instruments:
                 instrument.run_before_pass(unit, p)
+            start = unit.generation
             result = p(unit)
-            unit.analyses.invalidate(result.preserved if result.modified else _everything(unit))
+            unit.analyses.invalidate(result.preserved if result.modified else _everything(unit), start)
             unit.history.append(p.name)
             modified |= result.modified
             log.debug("%s: modified=%s", p.name, result.modified)
@@ -125,7 +173,7 @@ class PassManager:
         return modified
 
     def __repr__(self) -> str:
-        return f"PassManager({self.name!r}, {[p.name for p in self.passes]})"
+        return f"PassManager({self.name!r}, {[p.name for p in self.passes]}, steps={self.steps})"
 
 
 def _everything(unit: "CompilationUnit") -> FrozenSet[type]:

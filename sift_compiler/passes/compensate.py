@@ -9,16 +9,35 @@ scale linearly with density; the reference binary-searches with random masks ins
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 from ..analyses.flops import FlopAnalysis
+from ..config import CompileConfig
 from ..errors import PassError
 from ..sparsity.layers import MaskedLayer
 from .base import Pass, PassResult
+
+
+@dataclass(frozen=True)
+class CompensationOptions:
+    """The requested s and the budget ("flops": solve s'; "latency": keep s)."""
+
+    sparsity: float
+    budget: str = "flops"
+
+    @staticmethod
+    def of(config: CompileConfig) -> "CompensationOptions":
+        return CompensationOptions(config.sparsity, config.budget)
 
 
 class IsoFlopCompensationPass(Pass):
     """Set every masked layer's target density to 1 - s' (see the module docstring)."""
 
     name = "iso-flop-compensation"
+
+    def __init__(self, options: Optional[CompensationOptions] = None) -> None:
+        self.options = options  # None: made from unit.config when the pass runs
 
     def requires(self, unit) -> None:
         if unit.baseline is None:
@@ -31,11 +50,12 @@ class IsoFlopCompensationPass(Pass):
                         and isinstance(gm.get_submodule(str(n.target)), MaskedLayer)]
         if not masked_nodes:
             return PassResult(False)
-        if unit.config.budget == "latency":  # the latency budget decides the size: sparse layers stay at s
+        options = self.options or CompensationOptions.of(unit.config)
+        if options.budget == "latency":  # the latency budget decides the size: sparse layers stay at s
             for node in masked_nodes:
-                gm.get_submodule(str(node.target)).target_density = 1.0 - unit.config.sparsity
-            unit.effective_sparsity = unit.config.sparsity
-            unit.notes.append(f"budget latency: sparse layers at s = {unit.config.sparsity:g}, no iso-FLOP "
+                gm.get_submodule(str(node.target)).target_density = 1.0 - options.sparsity
+            unit.effective_sparsity = options.sparsity
+            unit.notes.append(f"budget latency: sparse layers at s = {options.sparsity:g}, no iso-FLOP "
                               "compensation")
             unit.touch()
             from ..analyses.layers import LayerAnalysis
@@ -58,9 +78,9 @@ class IsoFlopCompensationPass(Pass):
         for node in masked_nodes:
             gm.get_submodule(str(node.target)).target_density = density
         unit.effective_sparsity = 1.0 - density
-        if abs(unit.effective_sparsity - unit.config.sparsity) > 1e-6:
+        if abs(unit.effective_sparsity - options.sparsity) > 1e-6:
             unit.notes.append(f"compensated sparsity s' = {unit.effective_sparsity:.4f} "
-                              f"(requested s = {unit.config.sparsity:g})")
+                              f"(requested s = {options.sparsity:g})")
         unit.touch()
         from ..analyses.layers import LayerAnalysis
         from ..analyses.shapes import ShapeAnalysis

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch.nn as nn
 
 from ..analyses.layers import LayerAnalysis, WeightLayer
+from ..errors import at_node
 from ..initialization import mark_copy
 from ..sparsity.layers import deferred_init, masked_copy
 from ..unit import LayerDecision, ModuleRewrite
@@ -85,18 +86,21 @@ class LayerRewritePass(Pass):
         gm = unit.module
         modified = False
         for layer in table.transformable(self.transform):
-            module = gm.get_submodule(layer.target)
-            meta = {"sift.origin": layer.target, "sift.rule": self.name}
-            if layer.shortcut:
-                replacement, detail, kind = mark_copy(masked_copy(module), layer.target), \
-                    "shortcut projection: masked, not copied", "masked"
-                replacement.target_density = 1.0 - self.sparsity
-            else:
-                replacement, detail = self.build(unit, layer, module)
-                kind = self.transform
-            unit.rewrites.modules.append(ModuleRewrite.of(layer.target, module, replacement, nodes[layer.nodes[0]]))
-            for node_name in layer.nodes:
-                splice_module(unit, nodes[node_name], replacement, layer.target, meta)
-            unit.decisions[layer.target] = LayerDecision(kind, detail)
-            modified = True
+            try:
+                module = gm.get_submodule(layer.target)
+                meta = {"sift.origin": layer.target, "sift.rule": self.name}
+                if layer.shortcut:
+                    replacement, detail, kind = mark_copy(masked_copy(module), layer.target), \
+                        "shortcut projection: masked, not copied", "masked"
+                    replacement.target_density = 1.0 - self.sparsity
+                else:
+                    replacement, detail = self.build(unit, layer, module)
+                    kind = self.transform
+                unit.rewrites.modules.append(ModuleRewrite.of(layer.target, module, replacement, nodes[layer.nodes[0]]))
+                for node_name in layer.nodes:
+                    splice_module(unit, nodes[node_name], replacement, layer.target, meta)
+                unit.decisions[layer.target] = LayerDecision(kind, detail)
+                modified = True
+            except Exception as e:  # the pass manager names this layer's node and source line
+                raise at_node(e, nodes[layer.nodes[0]])
         return modified
