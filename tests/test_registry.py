@@ -1,0 +1,111 @@
+"""One transform registry: a transform a user registers is reachable from compile, the CLI and
+the config; compile takes a CompileConfig; the config of a result survives deepcopy and save."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import sift_compiler as sift
+from sift_compiler.cli.compile import build_parser, main
+from sift_compiler.config import CompileConfig, config_of
+from sift_compiler.errors import UserInputError
+from sift_compiler.passes.base import Pass, PassResult
+from sift_compiler.passes.sparse_parallel import SparseParallelPass
+from sift_compiler.pipelines import (RewriteOptions, finish_passes, get_transform, pipeline_names, register_pipeline,
+                                     register_transform, transform_names)
+
+MINE = "mine-two-branches"
+pytestmark = pytest.mark.filterwarnings("ignore::sift_compiler.errors.SiftWarning")  # s' != s: by design
+
+
+class MarkerPass(Pass):
+    """Records that the user's pipeline ran (changes nothing)."""
+
+    name = "mine-marker"
+
+    def call(self, unit) -> PassResult:
+        unit.notes.append("mine-marker ran")
+        return PassResult(False)
+
+
+if MINE not in pipeline_names():
+    @register_pipeline(MINE)
+    def _mine_pipeline(config):
+        options = RewriteOptions.of(config)
+        return [MarkerPass(), SparseParallelPass(options.sparsity, defer_init=True, capacity=2.0),
+                *finish_passes(config)]
+if MINE not in transform_names():
+    register_transform(MINE, MINE, SparseParallelPass, "two sparse branches, always (a user's transform)",
+                       iso_flop=False)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+X = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_registered_transform_is_reachable_from_compile():
+    result = sift.compile(mlp(), MINE, 0.75, (X,), output="graph")
+    assert result.config.transform == MINE
+    assert "mine-marker" in result.unit.history and "mine-marker ran" in result.unit.notes
+    assert any(d.detail.startswith("2 branches") for d in result.unit.decisions.values())
+    assert get_transform(MINE).main_pass is SparseParallelPass
+
+
+def test_a_registered_transform_is_a_cli_choice_and_runs_from_the_cli(tmp_path, capsys):
+    parser = build_parser()
+    action = next(a for a in parser._actions if "--transform" in a.option_strings)
+    assert MINE in action.choices and MINE in action.help  # choices and help come from the registry
+    path = tmp_path / "model.pt"
+    torch.save(mlp(), path)
+    code = main([str(path), "--trust-pickle", "--input-shape", "2,8", "-t", MINE, "-s", "0.75",
+                 "--report", str(tmp_path / "r.json")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert MINE in (tmp_path / "r.json").read_text()
+
+
+def test_an_unknown_transform_lists_the_registered_ones():
+    with pytest.raises(UserInputError, match=MINE):
+        CompileConfig("sideways", 0.5)
+    with pytest.raises(ValueError, match="already registered"):
+        register_transform(MINE, MINE)
+    with pytest.raises(UserInputError, match="unknown pipeline"):
+        register_transform("mine-without-pipeline", "no-such-pipeline")
+
+
+def test_compile_takes_a_compile_config():
+    config = CompileConfig(transform="parallel", sparsity=0.75, seed=3)
+    from_config = sift.compile(mlp(), config, (X,), output="graph")
+    from_keywords = sift.compile(mlp(), "parallel", 0.75, (X,), seed=3, output="graph")
+    assert from_config.config == config == from_keywords.config
+    assert from_config.report.sift_flops == from_keywords.report.sift_flops
+    for a, b in zip(sift.sparsity.masks(from_config.module).values(), sift.sparsity.masks(from_keywords.module).values()):
+        assert torch.equal(a, b)
+    keyword = sift.compile(mlp(), config, example_inputs=(X,), output="graph")
+    assert keyword.config == config
+
+
+def test_compile_refuses_a_config_and_its_options_twice():
+    with pytest.raises(UserInputError, match="seed"):
+        sift.compile(mlp(), CompileConfig("parallel", 0.75), (X,), seed=1)
+
+
+@pytest.mark.parametrize("output", ["graph", "native"])
+def test_the_config_survives_deepcopy_and_torch_save(output, tmp_path):
+    config = CompileConfig(transform="parallel", sparsity=0.75, seed=2)
+    module = sift.compile(mlp(), config, (X,), output=output).module
+    assert isinstance(module, fx.GraphModule) == (output == "graph")
+    assert config_of(copy.deepcopy(module)) == config
+    path = tmp_path / "m.pt"
+    torch.save(module, path)
+    assert config_of(torch.load(path, weights_only=False)) == config
+    report = sift.flops(copy.deepcopy(module), (X,))
+    assert report.transform == "parallel" and report.sparsity == 0.75
