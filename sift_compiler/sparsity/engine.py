@@ -26,6 +26,12 @@ Distributed (DDP): weights are identical on all ranks, SET draws from generators
 layer, step), and RigL's dense gradients are averaged over the ranks with one all-reduce per mask
 update (compiled models: they travel in ``weight.grad``, which DDP all-reduces anyway), so every
 rank computes the same masks.
+
+Sharded (FSDP2 ``fully_shard``: weights, masks, gradients and optimizer state are DTensors
+sharded on dim 0): the engine works on each rank's shard (``shards.py``), counts and selections
+are global (``topk.select_top``: the per-layer top-k over all shards, ties broken by global
+index, exactly what a single process picks), and RigL's dense gradient travels in ``weight.grad``
+through FSDP2's own reduce-scatter; the engine masks it right after the backward.
 """
 from __future__ import annotations
 
@@ -39,12 +45,14 @@ import torch.nn as nn
 
 from ..errors import UserInputError
 from .init import exact_count
-from .layers import MaskedLayer, iter_masked, new_layer
+from .layers import MaskedLayer, forget_float_masks, iter_masked, new_layer
 from .nm import check_nm, is_transposable_nm, nm_shape_problem, random_nm_mask, regrow_nm
+from .engine_state import EngineCheckpoint
 from .schedules import UpdateSchedule
+from .shards import ShardSpec, global_sums, is_dtensor, local, local_rows, shard_spec
+from .topk import select_top
 
 PATTERNS = ("unstructured", "nm")
-STATE_VERSION = 1
 
 
 @dataclass
@@ -53,16 +61,35 @@ class SparseWeight:
 
     name: str                 # parameter name in the unwrapped module, e.g. "layer1.0.conv1.weight"
     layer: MaskedLayer
-    count: int                # exact number of active weights, kept at every step
+    count: int                # exact number of active weights (over all shards), kept at every step
+    shard: Optional[ShardSpec] = None   # where this rank's rows lie when FSDP2 shards the layer
 
     @property
     def param(self) -> nn.Parameter:
         return self.layer.weight
 
+    @property
+    def local_param(self) -> torch.Tensor:
+        """This rank's shard of the weight (the weight itself when it is not sharded)."""
+        return local(self.layer.weight)
+
+    @property
+    def local_mask(self) -> torch.Tensor:
+        return local(self.layer.weight_mask)
+
     def keep_mask(self) -> torch.Tensor:
-        """The mask as 0/1 in the weight's dtype: re-masking with mul_ is ~10x faster than
-        masked_fill_ on CPU. The layer caches it until the mask changes."""
+        """The (local) mask as 0/1 in the weight's dtype: re-masking with mul_ is ~10x faster than
+        masked_fill_ on CPU. The layer caches it until the mask changes; a sharded layer converts
+        it when needed (a cached copy would cost as much memory as the weight shard)."""
+        if is_dtensor(self.layer.weight_mask):
+            return self.local_mask.to(self.local_param.dtype)
         return self.layer.float_mask()
+
+    @torch.no_grad()
+    def install(self, mask: torch.Tensor) -> None:
+        """Set the (local) mask and zero the weights it removes."""
+        self.local_mask.copy_(mask)
+        self.local_param.mul_(mask.to(self.local_param.dtype))
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -81,7 +108,7 @@ def name_seed(seed: int, name: str, step: int = 0) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + step) % (2 ** 63)
 
 
-class MaskEngine:
+class MaskEngine(EngineCheckpoint):
     """Base of `Static`, `SET` and `RigL`: collects the sparse layers and keeps them exact.
 
     Subclasses say how to grow (`grow_scores`) and whether they need the dense gradient.
@@ -111,6 +138,7 @@ class MaskEngine:
         self.dense_grads: Dict[str, torch.Tensor] = {}
         self._local_dense_grads: set = set()   # dense_grads that come from one rank's side buffer
         self._dense_mode = False
+        self._masking_queued = False     # sharded layers: mask_gradients queued for the end of this backward
         self.history: List[Dict[str, Any]] = []   # one entry per mask update (step, drop fraction, counts)
         self.weights = self._collect()
         if pattern == "nm":
@@ -135,18 +163,32 @@ class MaskEngine:
             if id(layer.weight) not in in_optimizer:
                 raise UserInputError(f"the optimizer does not train {pname!r}: build it from the compiled module's "
                                      f"parameters, e.g. torch.optim.SGD(result.module.parameters(), ...)")
-            count = exact_count(density, layer.weight.numel())
-            if self.pattern == "unstructured" and int(layer.weight_mask.sum()) != count:
-                raise UserInputError(
-                    f"{pname!r} has {int(layer.weight_mask.sum())} active weights but its target density {density:.4f} "
-                    f"asks for exactly {count}; redraw masks with sift_compiler.sparsity.init_masks(module, "
-                    f"only_fresh=False)")
-            found.append(SparseWeight(pname, layer, count))
+            spec = shard_spec(layer.weight, pname)
+            if is_dtensor(layer.weight) != is_dtensor(layer.weight_mask) or \
+                    spec != shard_spec(layer.weight_mask, f"{pname}_mask"):
+                raise UserInputError(f"{pname!r} and its mask are sharded differently: shard the module with "
+                                     f"torch.distributed.fsdp.fully_shard, which shards the mask (a parameter) "
+                                     f"with its weight")
+            found.append(SparseWeight(pname, layer, exact_count(density, layer.weight.numel()), spec))
         if not found:
             raise UserInputError(
                 f"{type(self).__name__}: the module has no sparse masked layers; compile it first, e.g. "
                 f"sift_compiler.compile(model, transform='parallel', sparsity=0.75, example_inputs=(x,)).module")
+        if any(w.shard is not None for w in found):
+            forget_float_masks()  # a forward before the engine may have cached FSDP's unsharded masks
+        if self.pattern == "unstructured":
+            for w, actual in zip(found, self._global_counts(found)):
+                if actual != w.count:
+                    raise UserInputError(
+                        f"{w.name!r} has {actual} active weights but its target density {w.layer.target_density:.4f} "
+                        f"asks for exactly {w.count}; redraw masks with sift_compiler.sparsity.init_masks(module, "
+                        f"only_fresh=False)")
         return found
+
+    @staticmethod
+    def _global_counts(weights: List[SparseWeight]) -> List[int]:
+        """Active weights per layer over all shards (one all-reduce when sharded; every rank must call)."""
+        return [c[0] for c in global_sums([(w.shard, [int(w.local_mask.sum())]) for w in weights])]
 
     def _make_nm(self) -> None:
         """Give every sparse layer a transposable N:M mask (fresh weights where it newly opens)."""
@@ -154,6 +196,9 @@ class MaskEngine:
         density = n / m
         problems = [f"{w.name} {tuple(w.param.shape)}: {nm_shape_problem(tuple(w.param.shape), m)}"
                     for w in self.weights if nm_shape_problem(tuple(w.param.shape), m)]
+        problems += [f"{w.name}: FSDP gives each of {w.shard.world} ranks {-(-w.param.shape[0] // w.shard.world)} of "
+                     f"its {w.param.shape[0]} rows, not a multiple of m = {m}" for w in self.weights
+                     if w.shard is not None and (-(-w.param.shape[0] // w.shard.world)) % m]
         if problems:
             raise UserInputError(f"{n}:{m}-T masks need weight matrices made of {m}x{m} blocks; these are not: "
                                  + "; ".join(problems) + f". Compile with round_to={m} (Sparse Wide) or widths "
@@ -169,19 +214,23 @@ class MaskEngine:
                               f"{density / target - 1:+.1%}", stacklevel=3)
             w.layer.target_density = density
             w.count = exact_count(density, w.param.numel())
-            if not is_transposable_nm(w.layer.weight_mask, n, m):
+        # shards hold whole M-row blocks (checked above), so each rank checks its own; redraw where any fails
+        invalid = global_sums([(w.shard, [int(not is_transposable_nm(w.local_mask, n, m))]) for w in self.weights])
+        for w, (bad,) in zip(self.weights, invalid):
+            if bad:
                 self._redraw_nm(w)
 
     def _redraw_nm(self, w: SparseWeight) -> None:
+        """A random N:M-T mask for the whole layer (each rank keeps its rows), fresh weights where it opens."""
         gen = torch.Generator().manual_seed(name_seed(self.seed, w.name))
-        mask = random_nm_mask(tuple(w.param.shape), self.n, self.m, gen).to(w.param.device)
-        opened = mask & ~w.layer.weight_mask
+        mask = local_rows(random_nm_mask(tuple(w.param.shape), self.n, self.m, gen), w.shard).to(w.local_param.device)
+        opened = mask & ~w.local_mask
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(name_seed(self.seed, w.name, 1))  # same fresh weights on every rank
-            fresh = new_layer(w.layer).weight.detach()
+            fresh = local_rows(new_layer(w.layer).weight.detach(), w.shard)
         with torch.no_grad():
-            w.param[opened] = fresh.to(w.param.device)[opened]
-        w.layer.set_mask(mask)
+            w.local_param[opened] = fresh.to(w.local_param.device)[opened]
+        w.install(mask)
 
     # ---------------------------------------------------------------------------- the training step
     def _wants_dense_grad(self, step: int) -> bool:
@@ -192,7 +241,22 @@ class MaskEngine:
         for w in self.weights:
             w.layer.dense_grad = on
             w.layer.engine_managed = True  # apply_masks has just made the weights zero off the mask
+            if w.shard is not None:
+                w.layer.sharded = True
+                w.layer.__dict__["after_dense_backward"] = self._queue_masking
         self._dense_mode = on
+
+    def _queue_masking(self) -> None:
+        """Sharded layers on an update step: mask the gradients once the whole backward is done,
+        after FSDP2 has reduce-scattered the dense gradients (its own end-of-backward callback is
+        queued first), so gradient clipping sees the sparse gradient."""
+        if not self._masking_queued:
+            self._masking_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._mask_after_backward)
+
+    def _mask_after_backward(self) -> None:
+        self._masking_queued = False
+        self.mask_gradients()
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         self.optimizer_stepped = True
@@ -216,12 +280,18 @@ class MaskEngine:
                 self.dense_grads.setdefault(w.name, side)
                 self._local_dense_grads.add(w.name)
                 continue
-            grad = w.param.grad
-            if grad is None:
+            if w.param.grad is None:
                 continue
-            if w.name not in self.dense_grads:
+            grad, keep = local(w.param.grad), w.local_mask
+            stash = self.dense_grads.get(w.name)
+            if stash is None:
                 self.dense_grads[w.name] = grad.detach().clone()
-            grad.masked_fill_(~w.layer.weight_mask, 0)
+            elif bool(grad.masked_fill(keep, 0).any()):
+                # new dense gradient since the last call (a later micro-batch): the stash's inactive
+                # part plus everything in weight.grad now; a call with nothing new (say after
+                # clipping) keeps the stash as it was
+                stash.masked_fill_(keep, 0).add_(grad)
+            grad.masked_fill_(~keep, 0)
 
     def _reduce_dense_grads(self) -> None:
         """Average the side-buffer dense gradients over the ranks of a distributed run (one
@@ -271,16 +341,20 @@ class MaskEngine:
     def _apply_masks(self, grads_finite: bool) -> None:
         for w in self.weights:
             keep = w.keep_mask()
-            w.param.mul_(keep)  # weights and state are finite where inactive: zero, kept zero by masked gradients
-            grad = w.param.grad
-            if grad is not None:
+            w.local_param.mul_(keep)  # weights and state are finite where inactive: zero, kept zero by masked gradients
+            if w.param.grad is not None:
+                grad = local(w.param.grad)
                 if grads_finite:
                     grad.mul_(keep)
                 else:  # e.g. GradScaler skipped the step: inf/nan gradients, and nan * 0 = nan
-                    grad.masked_fill_(~w.layer.weight_mask, 0)
-            for value in self.optimizer.state.get(w.param, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == w.param.shape:
-                    value.mul_(keep if value.dtype == keep.dtype else keep.to(value.dtype))
+                    grad.masked_fill_(~w.local_mask, 0)
+            for value in self._state_like(w):
+                value.mul_(keep if value.dtype == keep.dtype else keep.to(value.dtype))
+
+    def _state_like(self, w: SparseWeight) -> List[torch.Tensor]:
+        """The (local shards of the) optimizer state tensors shaped like the weight."""
+        return [local(v) for v in self.optimizer.state.get(w.param, {}).values()
+                if isinstance(v, torch.Tensor) and v.shape == w.param.shape]
 
     # ---------------------------------------------------------------------------------- updates
     def grow_scores(self, w: SparseWeight, step: int) -> Optional[torch.Tensor]:
@@ -296,6 +370,7 @@ class MaskEngine:
         # "dropped"/"grown": net change, smaller when regrowth picks just-dropped positions.
         record = {"step": step, "drop_fraction": alpha, "replaced": 0, "dropped": 0, "grown": 0, "skipped": 0,
                   "nm_reverted": 0}
+        counts = []  # per layer (shard, [dropped, grown, N:M blocks reverted]) on this rank
         for w in self.weights:
             n_drop = int(alpha * w.count)
             scores = self.grow_scores(w, step) if n_drop else None
@@ -303,21 +378,25 @@ class MaskEngine:
                 record["skipped"] += 1
                 continue
             record["replaced"] += n_drop
-            old = w.layer.weight_mask.clone()
-            kept = _keep_largest(w.param.abs(), old, w.count - n_drop)
-            if self.pattern == "nm":
+            old = w.local_mask.clone()
+            # keep the count - n_drop largest active magnitudes, then grow n_drop best scores among
+            # the rest (just-dropped positions included): global over the shards, ties to the lower index
+            kept = select_top(w.local_param.abs().masked_fill(~old, float("-inf")), w.count - n_drop, w.shard)
+            reverted = 0
+            if self.pattern == "nm":  # blocks lie within a shard: the refill is local
                 new, reverted = regrow_nm(kept, scores, old, self.n, self.m)
-                record["nm_reverted"] += reverted
             else:
-                new = _grow_best(kept, scores, w.count - int(kept.sum()))
+                new = kept | select_top(scores.masked_fill(kept, float("-inf")), n_drop, w.shard)
             grown = new & ~old
-            w.layer.set_mask(new)          # zeroes the dropped weights
-            w.param.masked_fill_(grown, 0)  # new connections start at zero (already zero: masked before)
-            for value in self.optimizer.state.get(w.param, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == w.param.shape:
-                    value.masked_fill_(grown, 0)
-            record["dropped"] += int((old & ~new).sum())
-            record["grown"] += int(grown.sum())
+            w.install(new)                        # zeroes the dropped weights
+            w.local_param.masked_fill_(grown, 0)  # new connections start at zero (already zero: masked before)
+            for value in self._state_like(w):
+                value.masked_fill_(grown, 0)
+            counts.append((w.shard, [int((old & ~new).sum()), int(grown.sum()), reverted]))
+        for dropped, grown, reverted in global_sums(counts):
+            record["dropped"] += dropped
+            record["grown"] += grown
+            record["nm_reverted"] += reverted
         self.history.append(record)
 
     # ------------------------------------------------------------------------------ inspection
@@ -326,78 +405,25 @@ class MaskEngine:
         return {w.name: w.layer.weight_mask for w in self.weights}
 
     def sparsity(self) -> float:
-        """Fraction of zeros over all sparse weights."""
+        """Fraction of zeros over all sparse weights, counted in the masks (sharded: on every rank, a collective)."""
         total = sum(w.param.numel() for w in self.weights)
-        return 1.0 - sum(int(w.layer.weight_mask.sum()) for w in self.weights) / total
+        return 1.0 - sum(self._global_counts(self.weights)) / total
 
     def __repr__(self) -> str:
         pattern = f"{self.n}:{self.m}-T" if self.pattern == "nm" else self.pattern
         sched = (f", update every {self.schedule.update_interval} until step {self.schedule.end_step}, "
                  f"drop {self.schedule.drop_fraction}") if self.schedule else ""
-        return (f"{type(self).__name__}({len(self.weights)} sparse weights, sparsity {self.sparsity():.4f}, "
+        sparsity = 1.0 - sum(w.count for w in self.weights) / sum(w.param.numel() for w in self.weights)
+        return (f"{type(self).__name__}({len(self.weights)} sparse weights, sparsity {sparsity:.4f}, "
                 f"{pattern}, step {self.step_count}{sched})")
-
-    # ----------------------------------------------------------------------------- checkpoints
-    def _config(self) -> Dict[str, Any]:
-        sched = self.schedule
-        return {"method": self.method, "pattern": self.pattern, "n": self.n, "m": self.m, "seed": self.seed,
-                "total_steps": sched.total_steps if sched else None,
-                "update_interval": sched.update_interval if sched else None,
-                "drop_fraction": sched.drop_fraction if sched else None,
-                "end_fraction": sched.end_fraction if sched else None}
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to resume exactly: step, pending update, masks (plain data)."""
-        return {"version": STATE_VERSION, "config": self._config(), "step": self.step_count,
-                "update_due": self.update_due, "history": [dict(h) for h in self.history],
-                "masks": {w.name: w.layer.weight_mask.detach().cpu().clone() for w in self.weights}}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a `state_dict`; the masks are installed (weights at inactive positions zeroed)."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise UserInputError("not a mask-engine state dict (version "
-                                 f"{state.get('version') if isinstance(state, dict) else '?'}, expected {STATE_VERSION})")
-        mine, theirs = self._config(), state["config"]
-        differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if differ:
-            what = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
-            raise UserInputError(f"the saved mask engine was configured differently ({what})")
-        names = {w.name for w in self.weights}
-        if set(state["masks"]) != names:
-            raise UserInputError(f"saved masks name other weights: missing {sorted(names - set(state['masks']))}, "
-                                 f"unexpected {sorted(set(state['masks']) - names)}")
-        for w in self.weights:
-            w.layer.set_mask(state["masks"][w.name].to(w.param.device))
-        self.step_count = int(state["step"])
-        self.update_due = bool(state["update_due"])
-        self.history = [dict(h) for h in state.get("history", [])]
-        self.apply_masks()
-        self._set_dense_grad(self._wants_dense_grad(self.step_count + 1))
 
     def remove(self) -> None:
         """Detach from the optimizer and leave the layers computing with ``W * M`` again."""
         self._hook.remove()
         for w in self.weights:
             w.layer.dense_grad = w.layer.engine_managed = False
+            w.layer.__dict__.pop("after_dense_backward", None)
         self._dense_mode = False
-
-
-def _keep_largest(magnitude: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """The ``keep`` active positions of largest magnitude (inactive ones never qualify)."""
-    score = torch.where(mask, magnitude.float(), torch.full_like(magnitude, -1.0, dtype=torch.float32))
-    kept = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
-    if keep > 0:
-        kept[score.flatten().topk(keep, sorted=False).indices] = True
-    return kept.view_as(mask)
-
-
-def _grow_best(kept: torch.Tensor, scores: torch.Tensor, grow: int) -> torch.Tensor:
-    """``kept`` plus the ``grow`` best-scoring positions outside it (just-dropped ones included)."""
-    score = torch.where(kept, torch.full_like(scores, float("-inf"), dtype=torch.float32), scores.float())
-    new = kept.clone().flatten()
-    if grow > 0:
-        new[score.flatten().topk(grow, sorted=False).indices] = True
-    return new.view_as(kept)
 
 
 class DynamicMaskEngine(MaskEngine):

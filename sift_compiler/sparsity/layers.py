@@ -18,6 +18,15 @@ all-reduces the side buffers of a distributed run at the update. Traced and comp
 computes ``W - (W * ~M).detach()`` instead: the value of ``W * M`` with gradient 1 everywhere, so
 ``weight.grad`` holds the dense gradient until `MaskEngine.mask_gradients` stashes and masks it.
 
+Sharded layers (``layer.sharded = True``, set by the engine or `sift_compiler.distributed` when
+FSDP2 shards the layer): inside forward, FSDP2 hands the layer its all-gathered weight and mask
+and frees them afterwards. Such a layer keeps no float copy of its mask (a cached copy would be
+a full-size tensor per layer on every rank, and FSDP2 rewrites the gathered mask in place without
+bumping its version, so the cache could go stale): it multiplies by the bool mask, and autograd
+keeps only the bool mask, which FSDP2 gathers again for the backward. On RigL's update steps its
+backward leaves the dense gradient in ``weight.grad`` (FSDP2 reduce-scatters it to the shards,
+no full-size side buffer) and asks the engine to mask it once the backward is done.
+
 Engine-managed mode (``layer.engine_managed = True``, set while a mask engine trains the layer):
 the engine keeps the weights exactly zero off the mask after every step, so in eager mode the
 forward uses ``W`` itself (no product tensor per forward, which costs several percent of a CPU
@@ -113,6 +122,29 @@ class _DenseGradientTap(torch.autograd.Function):
         return grad * mask, None, None
 
 
+class _ShardedDenseGradient(torch.autograd.Function):
+    """Sharded layers on update steps: forward the weight as it is; backward the dense gradient
+    into ``weight.grad`` (FSDP2 reduce-scatters it) and the engine's end-of-backward masking queued."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, layer: "MaskedLayer") -> torch.Tensor:
+        ctx.layer = layer
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        done = ctx.layer.__dict__.get("after_dense_backward")
+        if done is not None:
+            done()
+        return grad, None
+
+
+def forget_float_masks() -> None:
+    """Drop every cached float mask (e.g. ones cached from FSDP2's gathered masks before a layer
+    was known to be sharded)."""
+    _FLOAT_MASKS.clear()
+
+
 class MaskedLayer:
     """Mixin: a weight layer with a ``weight_mask`` (a bool parameter, never trained) and a target density."""
 
@@ -121,6 +153,7 @@ class MaskedLayer:
     target_density: float
     dense_grad: bool = False       # straight-through mode, see the module docstring
     engine_managed: bool = False   # weights are zero off the mask (a mask engine guarantees it)
+    sharded: bool = False          # FSDP2 shards weight and mask: no cached float mask, see above
 
     init_pending: bool = False     # weights not drawn yet (deferred_init); init_on_mask draws them
 
@@ -139,6 +172,13 @@ class MaskedLayer:
 
     def masked_weight(self) -> torch.Tensor:
         managed = self.engine_managed and not _tracing()
+        if self.sharded:
+            if managed and self.dense_grad:
+                return _ShardedDenseGradient.apply(self.weight, self)
+            if managed:
+                return self.weight if not torch.is_grad_enabled() else _MaskGradient.apply(self.weight, self.weight_mask)
+            if not self.dense_grad:
+                return self.weight * self.weight_mask  # autograd keeps the bool mask, not a float copy
         if self.dense_grad:
             if managed:  # already zero off the mask: the value is W * M; the dense gradient goes aside
                 return _DenseGradientTap.apply(self.weight, self.float_mask(), self)
@@ -158,7 +198,7 @@ class MaskedLayer:
         itself, on every forward. Traced, scripted and compiled code converts inline.
         """
         mask, weight = self.weight_mask, self.weight
-        if _tracing():
+        if _tracing() or self.sharded:
             return mask.to(weight.dtype)
         # keyed by the mask tensor itself, not kept in the module: a deep copy of the module has
         # new masks whose version counters restart and could match a copied entry
@@ -201,10 +241,14 @@ class MaskedLayer:
 
     @property
     def density(self) -> float:
-        return float(self.weight_mask.sum()) / self.weight_mask.numel()
+        """Fraction of active weights; of this rank's shard when FSDP2 shards the mask (no collective)."""
+        mask = self.weight_mask
+        mask = mask.to_local() if hasattr(mask, "to_local") else mask
+        return float(mask.sum()) / max(mask.numel(), 1)
 
     def extra_repr(self) -> str:  # shown by print(model)
-        return f"{super().extra_repr()}, density={self.density:.4f}"
+        shard = " (this rank's shard)" if hasattr(self.weight_mask, "to_local") else ""
+        return f"{super().extra_repr()}, density={self.density:.4f}{shard}"
 
 
 def _symmetric_uniform(generator: np.random.Generator, out: np.ndarray, bound: float) -> np.ndarray:
