@@ -131,7 +131,7 @@ def test_nanogpt_widens_like_the_hand_written_block(style, width, reference):
 def test_head_dim_stays_computed_where_it_can():
     """With scale, ``C // n_head`` still computes the head dim (d_model rounds to the heads)."""
     result, _ = _compile(GPT(style="nanoGPT"), "scale")
-    views = [n for n in result.module.graph.nodes if n.target == "view" and len(n.args) == 5]
+    views = [n for n in result.graph_module.graph.nodes if n.target == "view" and len(n.args) == 5]
     assert views and all(getattr(n.args[4], "target", None).__name__ == "floordiv" for n in views)
 
 
