@@ -75,25 +75,29 @@ def _worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         model(input_ids=batch, labels=batch).loss.backward()
         opt.step()
+        engine_start = time.perf_counter()
         updated = engine.step() if engine is not None else False
+        engine_seconds = time.perf_counter() - engine_start
         opt.zero_grad(set_to_none=True)
         dist.barrier()
-        return time.perf_counter() - start, updated
+        return time.perf_counter() - start, updated, engine_seconds
 
     for name in variants:  # warm-up
         for _ in range(2):
             step(name)
-    times = {"plain": [], "sift": [], "update": []}
+    times = {"plain": [], "sift": [], "update": [], "engine": []}
     for r in range(args.rounds):
         for name in ("plain", "sift"):
             for _ in range(args.steps):
-                seconds, updated = step(name)
+                seconds, updated, engine_seconds = step(name)
                 times["update" if updated else name].append(seconds)
+                if name == "sift" and not updated:
+                    times["engine"].append(engine_seconds)
         if rank == 0:
             print(f"round {r + 1}/{args.rounds}: plain {statistics.median(times['plain']):.3f} s, "
                   f"sift {statistics.median(times['sift']):.3f} s", file=sys.stderr, flush=True)
     while len(times["update"]) < 3:  # enough update steps to time
-        seconds, updated = step("sift")
+        seconds, updated, _ = step("sift")
         times["update" if updated else "sift"].append(seconds)
     shards = [(int(layer.weight_mask.to_local().numel()), int(layer.weight_mask.numel()))
               for _, layer in iter_masked(variants["sift"][0])]
@@ -147,6 +151,8 @@ def main(argv=None) -> int:
     print(f"{'':<34}{'median s':>10}{'steps':>7}{'x plain':>9}")
     print(f"{'plain (no masks, no engine)':<34}{plain:>10.3f}{len(times['plain']):>7}{1.0:>9.3f}")
     print(f"{'sift: masked, RigL (no update)':<34}{sift_step:>10.3f}{len(times['sift']):>7}{sift_step / plain:>9.3f}")
+    print(f"{'  of which engine.step()':<34}{median(times['engine']):>10.3f}{len(times['engine']):>7}"
+          f"{median(times['engine']) / plain:>9.3f}")
     print(f"{'sift: RigL update step':<34}{update:>10.3f}{len(times['update']):>7}{update / plain:>9.3f}")
     print(f"\nRigL update overhead, one update per 100 steps: {amortised:.2%} of training time "
           f"(every {args.update_interval} steps: {(update - sift_step) / (args.update_interval * sift_step):.2%})")

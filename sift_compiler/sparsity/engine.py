@@ -243,20 +243,25 @@ class MaskEngine(EngineCheckpoint):
             w.layer.engine_managed = True  # apply_masks has just made the weights zero off the mask
             if w.shard is not None:
                 w.layer.sharded = True
-                w.layer.__dict__["after_dense_backward"] = self._queue_masking
+                w.layer.__dict__["after_backward"] = self._queue_masking
         self._dense_mode = on
 
     def _queue_masking(self) -> None:
-        """Sharded layers on an update step: mask the gradients once the whole backward is done,
-        after FSDP2 has reduce-scattered the dense gradients (its own end-of-backward callback is
-        queued first), so gradient clipping sees the sparse gradient."""
+        """Sharded layers: mask the gradients once the whole backward is done, after FSDP2 has
+        reduce-scattered them (its own end-of-backward callback is queued first), so gradient
+        clipping sees the sparse gradient; on update steps the dense one is kept first."""
         if not self._masking_queued:
             self._masking_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._mask_after_backward)
 
     def _mask_after_backward(self) -> None:
         self._masking_queued = False
-        self.mask_gradients()
+        if self._dense_mode:
+            self.mask_gradients()
+            return
+        for w in self.weights:
+            if w.shard is not None and w.param.grad is not None:
+                local(w.param.grad).mul_(w.keep_mask())
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         self.optimizer_stepped = True
@@ -422,7 +427,7 @@ class MaskEngine(EngineCheckpoint):
         self._hook.remove()
         for w in self.weights:
             w.layer.dense_grad = w.layer.engine_managed = False
-            w.layer.__dict__.pop("after_dense_backward", None)
+            w.layer.__dict__.pop("after_backward", None)
         self._dense_mode = False
 
 

@@ -23,9 +23,10 @@ FSDP2 shards the layer): inside forward, FSDP2 hands the layer its all-gathered 
 and frees them afterwards. Such a layer keeps no float copy of its mask (a cached copy would be
 a full-size tensor per layer on every rank, and FSDP2 rewrites the gathered mask in place without
 bumping its version, so the cache could go stale): it multiplies by the bool mask, and autograd
-keeps only the bool mask, which FSDP2 gathers again for the backward. On RigL's update steps its
-backward leaves the dense gradient in ``weight.grad`` (FSDP2 reduce-scatters it to the shards,
-no full-size side buffer) and asks the engine to mask it once the backward is done.
+keeps only the bool mask, which FSDP2 gathers again for the backward. Engine-managed, its
+backward leaves the gradient as it is in ``weight.grad`` (FSDP2 reduce-scatters it to the shards;
+on RigL's update steps that is the dense gradient, with no full-size side buffer) and asks the
+engine to mask it on each rank's shard once the backward is done.
 
 Engine-managed mode (``layer.engine_managed = True``, set while a mask engine trains the layer):
 the engine keeps the weights exactly zero off the mask after every step, so in eager mode the
@@ -122,9 +123,11 @@ class _DenseGradientTap(torch.autograd.Function):
         return grad * mask, None, None
 
 
-class _ShardedDenseGradient(torch.autograd.Function):
-    """Sharded layers on update steps: forward the weight as it is; backward the dense gradient
-    into ``weight.grad`` (FSDP2 reduce-scatters it) and the engine's end-of-backward masking queued."""
+class _ShardedGradient(torch.autograd.Function):
+    """Sharded engine-managed layers: forward the weight as it is; backward the gradient as it is
+    into ``weight.grad`` (FSDP2 reduce-scatters it) and the engine's end-of-backward masking queued,
+    which masks each rank's shard (1/world of the work of masking the gathered gradient) and, on
+    update steps, first keeps the dense gradient RigL grows from."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, layer: "MaskedLayer") -> torch.Tensor:
@@ -133,7 +136,7 @@ class _ShardedDenseGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        done = ctx.layer.__dict__.get("after_dense_backward")
+        done = ctx.layer.__dict__.get("after_backward")
         if done is not None:
             done()
         return grad, None
@@ -173,10 +176,8 @@ class MaskedLayer:
     def masked_weight(self) -> torch.Tensor:
         managed = self.engine_managed and not _tracing()
         if self.sharded:
-            if managed and self.dense_grad:
-                return _ShardedDenseGradient.apply(self.weight, self)
             if managed:
-                return self.weight if not torch.is_grad_enabled() else _MaskGradient.apply(self.weight, self.weight_mask)
+                return self.weight if not torch.is_grad_enabled() else _ShardedGradient.apply(self.weight, self)
             if not self.dense_grad:
                 return self.weight * self.weight_mask  # autograd keeps the bool mask, not a float copy
         if self.dense_grad:
