@@ -200,7 +200,9 @@ def _native(unit: CompilationUnit, captured) -> Tuple[Optional[nn.Module], str]:
     if unit.on_meta:
         unit.notes.append("meta device: the native model was not run against the graph form (no values)")
         return build.module, ""
-    wrong, notes = check_native(build.module, unit.module, unit.args, unit.kwargs)
+    # a second size only where sizes in the code were rewritten (see `native`)
+    wrong, notes = check_native(build.module, unit.module, unit.args, unit.kwargs,
+                                second_size=bool(unit.rewrites.literals))
     unit.notes.extend(notes)
     if wrong:
         return None, wrong
