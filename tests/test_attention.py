@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import sift_compiler as sift
 from sift_compiler.capture.sources import load_model
-from sift_compiler.errors import ShortfallError, SiftWarning
+from sift_compiler.errors import PassError, ShortfallError, SiftWarning
 from test_sparse_wide import Rolled
 
 N_EMBD, N_HEAD, VOCAB, T = 64, 4, 100, 16
@@ -195,3 +195,11 @@ def test_nothing_to_transform_is_said():
     with pytest.warns(SiftWarning, match="no layer could be transformed"):
         result = sift.compile(model, "parallel", 0.75, (torch.randn(2, 8),))
     assert all(layer.kept_dense for layer in result.report.layers)
+
+
+def test_wide_with_nothing_sparse_between_first_and_last_is_refused():
+    """Sparse Wide would widen the inner side of the dense first and last layers (2x their FLOPs)
+    with no sparse layer to pay for it: refused, not returned at twice the FLOPs with a warning."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(PassError, match=r"no layer could be made sparse.*768 FLOPs.*384"):
+        sift.compile(model, "wide", 0.75, (torch.randn(2, 8),))
