@@ -42,7 +42,7 @@ from ..sparsity.layers import MaskedLayer, deferred_init, masked_copy, new_layer
 from ..unit import LayerDecision, ModuleRewrite, TensorRewrite
 from .base import Pass, PassResult
 from .graph_edit import finish_edits
-from .rewrite import round_to_multiple
+from .rewrite import RewriteOptions, round_to_multiple
 
 
 def widening_factor(sparsity: float) -> float:
@@ -82,11 +82,12 @@ class SparseWidePass(Pass):
     name = "sparse-wide"
 
     def __init__(self, sparsity: float, round_to: int = 1, defer_init: bool = False,
-                 factor: Optional[float] = None) -> None:
+                 factor: Optional[float] = None, options: Optional[RewriteOptions] = None) -> None:
         self.sparsity = sparsity
         self.round_to = round_to
         self.factor = widening_factor(sparsity) if factor is None else factor  # k, or the capacity asked for
         self.defer_init = defer_init  # see LayerRewritePass
+        self.options = options  # the seed of redrawn parameters; None: made from unit.config when the pass runs
 
     def call(self, unit) -> PassResult:
         coupling = unit.analyses.get(ChannelCouplingAnalysis)
@@ -184,6 +185,7 @@ class SparseWidePass(Pass):
     # -- parameters, literals ------------------------------------------------------------
     def _rebuild_params(self, unit, coupling: CouplingResult, size_of, rebuilt: Dict[str, nn.Module]) -> None:
         gm = unit.module
+        seed = (self.options or RewriteOptions.of(unit.config)).seed
         done: Dict[int, torch.Tensor] = {}
         for target, exprs in coupling.params.items():
             owner_path, _, attr = target.rpartition(".")
@@ -195,7 +197,7 @@ class SparseWidePass(Pass):
                 continue
             new = done.get(id(old))
             if new is None:
-                new = _redraw(old, shape, torch.Generator().manual_seed(stream_seed(unit.config.seed, target)))
+                new = _redraw(old, shape, torch.Generator().manual_seed(stream_seed(seed, target)))
                 done[id(old)] = new
             owner = gm.get_submodule(owner_path) if owner_path else gm
             unit.rewrites.tensors.append(TensorRewrite(target, old, new))
