@@ -29,6 +29,7 @@ from collections import Counter
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ..analyses.axes import Prod, Sum, Sym, symbols
@@ -36,7 +37,7 @@ from ..analyses.coupling import ChannelCouplingAnalysis, CouplingResult, getattr
 from ..analyses.layers import LayerAnalysis
 from ..analyses.ops import module_kind
 from ..analyses.shapes import ShapeAnalysis
-from ..errors import PassError
+from ..errors import PassError, at_node
 from ..initialization import mark_copy, mark_fresh, stream_seed
 from ..sparsity.layers import MaskedLayer, deferred_init, masked_copy, new_layer
 from ..unit import LayerDecision, ModuleRewrite, TensorRewrite
@@ -117,24 +118,34 @@ class SparseWidePass(Pass):
         rebuilt: Dict[str, nn.Module] = {}
         calls = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
         for path, entry in coupling.modules.items():
-            module = gm.get_submodule(path)
-            layer = table.layers.get(path)
-            replacement, detail = self._resize(module, entry, size_of, layer)
-            old_weight = getattr(module, "weight", None)
-            if isinstance(old_weight, nn.Parameter) and replacement is not module:
-                tied = new_params.get(id(old_weight))
-                if tied is not None and tied.shape == replacement.weight.shape:
-                    replacement.weight = tied
-                else:
-                    new_params[id(old_weight)] = replacement.weight
-            if replacement is not module:
-                gm.add_submodule(path, replacement)
-                rebuilt[path] = replacement
-                unit.rewrites.modules.append(ModuleRewrite.of(path, module, replacement, calls.get(path)))
-            if layer is not None and layer.kind in ("linear", "conv"):
-                unit.decisions[path] = LayerDecision("wide" if _is_masked(replacement) else "kept", detail,
-                                                     kept_at_width(coupling.axes, entry))
+            try:
+                self._rebuild_module(unit, coupling, table, size_of, path, entry, calls.get(path), new_params,
+                                     rebuilt)
+            except Exception as e:  # the pass manager names the module's call and its source line
+                raise at_node(e, calls[path]) if path in calls else e
         return rebuilt
+
+    def _rebuild_module(self, unit, coupling, table, size_of, path: str, entry, call: Optional[fx.Node],
+                        new_params: Dict[int, nn.Parameter], rebuilt: Dict[str, nn.Module]) -> None:
+        """Resize the module at ``path`` to its groups' new sizes, keeping weights tied across modules."""
+        gm = unit.module
+        module = gm.get_submodule(path)
+        layer = table.layers.get(path)
+        replacement, detail = self._resize(module, entry, size_of, layer)
+        old_weight = getattr(module, "weight", None)
+        if isinstance(old_weight, nn.Parameter) and replacement is not module:
+            tied = new_params.get(id(old_weight))
+            if tied is not None and tied.shape == replacement.weight.shape:
+                replacement.weight = tied
+            else:
+                new_params[id(old_weight)] = replacement.weight
+        if replacement is not module:
+            gm.add_submodule(path, replacement)
+            rebuilt[path] = replacement
+            unit.rewrites.modules.append(ModuleRewrite.of(path, module, replacement, call))
+        if layer is not None and layer.kind in ("linear", "conv"):
+            unit.decisions[path] = LayerDecision("wide" if _is_masked(replacement) else "kept", detail,
+                                                 kept_at_width(coupling.axes, entry))
 
     def _resize(self, module: nn.Module, entry, size_of, layer) -> Tuple[nn.Module, str]:
         kind = module_kind(module)
@@ -211,23 +222,31 @@ class SparseWidePass(Pass):
         nodes = {n.name: n for n in unit.module.graph.nodes}
         axes = coupling.axes
         for literal in coupling.literals:
-            new = size_of(literal.expr)
-            if literal.source is not None:  # a node computing the size: keep it while it computes it
-                stale = size_of(literal.source) != new
-            else:
-                stale = new != literal.value or any(size_of(e) != axes.original(e) for e in literal.computed)
-            if not stale:
-                continue
             node = nodes[literal.node]
-            unit.rewrites.literal(node, literal.value, new)
-            args = list(node.args)
-            if literal.slot is None:
-                args[literal.index] = new
-            else:
-                inner = list(args[literal.index])
-                inner[literal.slot] = new
-                args[literal.index] = type(node.args[literal.index])(inner)
-            node.args = tuple(args)
+            try:
+                self._rewrite_literal(unit, axes, size_of, literal, node)
+            except Exception as e:  # the pass manager names the view/split and its source line
+                raise at_node(e, node)
+
+    @staticmethod
+    def _rewrite_literal(unit, axes, size_of, literal, node: fx.Node) -> None:
+        """Put the new size into ``node``'s arguments where the literal no longer holds."""
+        new = size_of(literal.expr)
+        if literal.source is not None:  # a node computing the size: keep it while it computes it
+            stale = size_of(literal.source) != new
+        else:
+            stale = new != literal.value or any(size_of(e) != axes.original(e) for e in literal.computed)
+        if not stale:
+            return
+        unit.rewrites.literal(node, literal.value, new)
+        args = list(node.args)
+        if literal.slot is None:
+            args[literal.index] = new
+        else:
+            inner = list(args[literal.index])
+            inner[literal.slot] = new
+            args[literal.index] = type(node.args[literal.index])(inner)
+        node.args = tuple(args)
 
     def _rescale_attention(self, unit, coupling: CouplingResult, size_of) -> None:
         """With head_dim widened, an explicit sdpa scale 1/sqrt(d) follows the new d."""
