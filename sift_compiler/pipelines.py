@@ -10,7 +10,8 @@ choices and help, `compile`, the exporters and `load`; a transform a user regist
 from all of them. Duplicates are refused and unknown names get the list of valid ones.
 
 Pipelines build their passes from frozen option objects made from the `CompileConfig`
-(`RewriteOptions`), not from the global ``unit.config``.
+(`RewriteOptions`, `CompensationOptions`, `InitOptions`, `VerifyOptions`), not from the global
+``unit.config``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from .config import CompileConfig
 from .errors import UserInputError
 from .passes.base import Pass, PassInstrument, PassManager
 from .passes.compensate import CompensationOptions, IsoFlopCompensationPass
-from .passes.init_masks import InitMasksPass
+from .passes.init_masks import InitMasksPass, InitOptions
+from .passes.rewrite import RewriteOptions
 from .passes.sparse_doped import SparseDopedPass
 from .passes.sparse_factorized import SparseFactorizedPass
 from .passes.sparse_parallel import SparseParallelPass
@@ -43,24 +45,20 @@ class TransformSpec:
     summary: str = ""                  # one line for --help
     iso_flop: bool = True              # VerifyPass checks the result costs what the dense model does
 
+    @property
+    def rule(self) -> Optional[str]:
+        """The ``sift.rule`` its rewrite stamps on the nodes it makes: the main pass's name (None: no rewrite)."""
+        return getattr(self.main_pass, "name", None) if self.main_pass is not None else None
+
+    @property
+    def export_forms(self) -> bool:
+        """Whether its results have export forms (`exporters.forms`): its main pass says so (``export_forms``)."""
+        return bool(getattr(self.main_pass, "export_forms", False))
+
 
 _TRANSFORMS: Dict[str, TransformSpec] = {}
 # transform name -> pipeline name: a live view of the registry, for older callers
 TRANSFORM_PIPELINES: Dict[str, str] = {}
-
-
-@dataclass(frozen=True)
-class RewriteOptions:
-    """What a rewrite pass needs from the `CompileConfig`, frozen (passes never read it globally)."""
-
-    sparsity: float
-    capacity: Optional[float] = None
-    round_to: int = 1
-    defer_init: bool = True
-
-    @staticmethod
-    def of(config: CompileConfig) -> "RewriteOptions":
-        return RewriteOptions(config.sparsity, config.capacity, config.round_to)
 
 
 def register_transform(name: str, pipeline: str, main_pass: Optional[type] = None, summary: str = "",
@@ -132,7 +130,7 @@ def finish_passes(config: CompileConfig) -> List[Pass]:
 
     The rewrites run with defer_init=True: InitMasksPass draws their weights after their masks.
     """
-    return [IsoFlopCompensationPass(CompensationOptions.of(config)), InitMasksPass(),
+    return [IsoFlopCompensationPass(CompensationOptions.of(config)), InitMasksPass(InitOptions.of(config)),
             VerifyPass(VerifyOptions.of(config))]
 
 
@@ -144,25 +142,28 @@ def dense_baseline_pipeline(config: CompileConfig) -> List[Pass]:
 @register_pipeline("sparse-parallel")
 def sparse_parallel_pipeline(config: CompileConfig) -> List[Pass]:
     o = RewriteOptions.of(config)
-    return [SparseParallelPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity), *finish_passes(config)]
+    return [SparseParallelPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity, options=o),
+            *finish_passes(config)]
 
 
 @register_pipeline("sparse-factorized")
 def sparse_factorized_pipeline(config: CompileConfig) -> List[Pass]:
     o = RewriteOptions.of(config)
-    return [SparseFactorizedPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity), *finish_passes(config)]
+    return [SparseFactorizedPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity, options=o),
+            *finish_passes(config)]
 
 
 @register_pipeline("sparse-doped")
 def sparse_doped_pipeline(config: CompileConfig) -> List[Pass]:
     o = RewriteOptions.of(config)
-    return [SparseDopedPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity), *finish_passes(config)]
+    return [SparseDopedPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity, options=o),
+            *finish_passes(config)]
 
 
 @register_pipeline("sparse-wide")
 def sparse_wide_pipeline(config: CompileConfig) -> List[Pass]:
     o = RewriteOptions.of(config)
-    return [SparseWidePass(o.sparsity, o.round_to, defer_init=o.defer_init, factor=o.capacity),
+    return [SparseWidePass(o.sparsity, o.round_to, defer_init=o.defer_init, factor=o.capacity, options=o),
             *finish_passes(config)]
 
 

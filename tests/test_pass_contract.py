@@ -215,6 +215,99 @@ def test_an_error_at_a_node_names_the_node_and_its_source_line():
     assert info.value.sift_node is not None
 
 
+class DropsOneMaskEntry(Pass):
+    """Clears one kept entry of the first mask after the draws: its count no longer matches its density."""
+
+    name = "drops-one-mask-entry"
+
+    def call(self, unit) -> PassResult:
+        mask = first_masked(unit).weight_mask
+        with torch.no_grad():
+            mask.view(-1)[int(mask.view(-1).nonzero()[0])] = False
+        unit.touch()
+        return PassResult(True)
+
+
+DROPPED = "test-dropped-mask-entry"
+if DROPPED not in pipeline_names():
+    @register_pipeline(DROPPED)
+    def _dropped_pipeline(config):
+        compensate, init_masks, verify = finish_passes(config)
+        return [SparseParallelPass(config.sparsity, defer_init=True), compensate, init_masks, DropsOneMaskEntry(),
+                verify]
+if DROPPED not in transform_names():
+    register_transform(DROPPED, DROPPED, SparseParallelPass, "parallel, one mask entry dropped (tests)")
+
+
+def _names_pass_layer_and_line(message: str, pass_name: str, layer: str) -> None:
+    assert f"[{pass_name}]" in message
+    assert f"at '{layer}'" in message  # the node, by its module path
+    assert "test_pass_contract.py:" in message and "in forward" in message  # SmallCNN.forward's line
+
+
+def test_a_wrong_mask_count_names_verify_the_layer_and_its_source_line():
+    torch.manual_seed(0)
+    with pytest.raises(PassError) as info:
+        sift.compile(SmallCNN(), DROPPED, 0.75, (example(),), output="graph")
+    message = str(info.value)
+    assert "non-zeros, expected" in message
+    _names_pass_layer_and_line(message, "verify", "conv.branches.0.layer")
+    assert info.value.sift_node is not None
+
+
+def test_an_unpayable_dense_cost_names_the_compensation_the_costliest_layer_and_its_line():
+    torch.manual_seed(0)  # Doped at 3x its rank: the dense U and V alone cost more than the dense model
+    with pytest.raises(PassError) as info:
+        sift.compile(SmallCNN(), "doped", 0.75, (example(),), output="graph", capacity=3.0)
+    message = str(info.value)
+    assert "no sparsity can make this model iso-FLOP" in message
+    _names_pass_layer_and_line(message, "iso-flop-compensation", "conv.u")
+
+
+def test_a_failure_resizing_a_module_names_sparse_wide_the_module_and_its_line(monkeypatch):
+    from sift_compiler.passes.sparse_wide import SparseWidePass
+    resize = SparseWidePass._resize
+
+    def fails_on_conv(self, module, entry, size_of, layer):
+        if layer is not None and layer.target == "conv":
+            raise RuntimeError("cannot resize this module")
+        return resize(self, module, entry, size_of, layer)
+    monkeypatch.setattr(SparseWidePass, "_resize", fails_on_conv)
+    torch.manual_seed(0)
+    with pytest.raises(PassError) as info:
+        sift.compile(SmallCNN(), "wide", 0.75, (example(),), output="graph")
+    assert "cannot resize this module" in str(info.value)
+    _names_pass_layer_and_line(str(info.value), "sparse-wide", "conv")
+
+
+class ReshapesChannels(nn.Module):
+    """A literal channel count in a view: Sparse Wide rewrites it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv(F.relu(self.stem(x))))
+        return self.head(x.reshape(x.shape[0], 16, -1).mean(2))
+
+
+def test_a_failure_rewriting_a_literal_names_sparse_wide_the_view_and_its_line(monkeypatch):
+    from sift_compiler.passes.sparse_wide import SparseWidePass
+
+    def fails(unit, axes, size_of, literal, node):
+        raise RuntimeError("cannot rewrite this size")
+    monkeypatch.setattr(SparseWidePass, "_rewrite_literal", staticmethod(fails))
+    torch.manual_seed(0)
+    with pytest.raises(PassError) as info:
+        sift.compile(ReshapesChannels(), "wide", 0.75, (example(),), output="graph")
+    message = str(info.value)
+    assert "[sparse-wide]" in message and "cannot rewrite this size" in message
+    assert "'reshape" in message and "test_pass_contract.py:" in message  # the view node, by its line
+
+
 def test_the_cli_exit_code_of_a_user_input_error_inside_a_pass_stays_2(capsys):
     from sift_compiler.cli._common import run_main
     from sift_compiler.cli.compile import build_parser

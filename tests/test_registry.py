@@ -14,7 +14,7 @@ from sift_compiler.cli.compile import build_parser, main
 from sift_compiler.config import CompileConfig, config_of
 from sift_compiler.errors import UserInputError
 from sift_compiler.passes.base import Pass, PassResult
-from sift_compiler.passes.sparse_parallel import SparseParallelPass
+from sift_compiler.passes.sparse_parallel import SparseBranch, SparseParallelPass
 from sift_compiler.pipelines import (RewriteOptions, finish_passes, get_transform, pipeline_names, register_pipeline,
                                      register_transform, transform_names)
 
@@ -110,3 +110,51 @@ def test_the_config_survives_deepcopy_and_torch_save(output, tmp_path):
     assert config_of(torch.load(path, weights_only=False)) == config
     report = sift.flops(copy.deepcopy(module), (X,))
     assert report.transform == "parallel" and report.sparsity == 0.75
+
+
+# ------------------------------------------------------------------ options reach passes frozen
+def test_a_rewrite_pass_takes_sigma_from_its_options_not_the_global_config():
+    """The pipeline's frozen options decide sigma; unit.config is only the fallback of a bare pass."""
+    from sift_compiler.capture import capture
+    from sift_compiler.unit import CompilationUnit
+
+    def sigmas(options):
+        """The (norm, activation) class names of every branch the pass built."""
+        unit = CompilationUnit(capture(mlp(), (X,)).module, (X,),
+                               config=CompileConfig("parallel", 0.75, activation="gelu"))
+        SparseParallelPass(0.75, options=options)(unit)
+        return {(type(m.norm).__name__, type(m.act).__name__) for m in unit.module.modules()
+                if isinstance(m, SparseBranch)}
+    assert sigmas(None) == {("NoneType", "GELU")}  # a bare pass: the unit's config
+    assert sigmas(RewriteOptions(0.75, activation="relu")) == {("NoneType", "ReLU")}
+    assert sigmas(RewriteOptions(0.75, activation="silu", linear_norm=True)) == {("LayerNorm", "SiLU")}
+
+
+# ------------------------------------------------------------------ the registry feeds the exporters
+class RenamedParallelPass(SparseParallelPass):
+    """Sparse Parallel under another rule name: its branches must still get their export forms."""
+
+    name = "renamed-parallel"
+
+
+RENAMED = "renamed-parallel"
+if RENAMED not in pipeline_names():
+    @register_pipeline(RENAMED)
+    def _renamed_pipeline(config):
+        options = RewriteOptions.of(config)
+        return [RenamedParallelPass(options.sparsity, defer_init=True, options=options), *finish_passes(config)]
+if RENAMED not in transform_names():
+    register_transform(RENAMED, RENAMED, RenamedParallelPass, "parallel under another name (tests)")
+
+
+def test_a_renamed_parallel_transform_keeps_its_export_forms():
+    from sift_compiler.exporters.forms import apply_form, find_parallel_groups, has_export_forms
+    assert has_export_forms(RENAMED) and has_export_forms("parallel") and not has_export_forms("wide")
+    assert get_transform(RENAMED).rule == "renamed-parallel"
+    gm = sift.compile(mlp(), RENAMED, 0.75, (X,), output="graph").module
+    groups, _ = find_parallel_groups(gm)
+    assert groups and {g.rule for g in groups} == {"renamed-parallel"}
+    stacked = apply_form(gm, "stacked-conv")
+    assert stacked.rewritten
+    with torch.no_grad():
+        torch.testing.assert_close(stacked.module(X), gm(X))

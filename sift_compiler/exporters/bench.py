@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..errors import ExportError
+from .forms import has_export_forms
 from .inputs import batch_of, input_specs, random_feeds
 from .runtimes import open_engine
 from .weights import META_EXPORT, get_metadata, load_onnx, not_for_deepsparse
@@ -94,7 +95,7 @@ def describe_file(path: str, label: Optional[str] = None, family: str = "") -> B
         if sparsity is not None and sparsity < 0.01:
             transform = "none"  # no zeros to speak of: treat it as a dense model
     name = label or os.path.splitext(os.path.basename(path))[0]
-    form = str(meta.get("form", "")) if transform == "parallel" else ""
+    form = str(meta.get("form", "")) if has_export_forms(transform) else ""
     return BenchModel(name, path, transform, sparsity, family, form, not_for_deepsparse(model) or "")
 
 

@@ -42,20 +42,36 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import UserInputError
+from ..passes.sparse_parallel import ParallelBranches
 from ..sparsity.layers import MaskedLayer, new_layer
 
 FORMS = ("auto", "branches", "stacked-add", "stacked-reduce", "stacked-conv")
 SAFE_FORM = "stacked-conv"  # no sum of layers that read one input: what "auto" falls back to
 DEFAULT_FORM = "auto"     # the fastest on idle cores, kept only where DeepSparse verified it
-PARALLEL_RULE = "sparse-parallel"
+PARALLEL_RULE = ParallelBranches.sift_rule  # what a re-captured branch module's nodes carry (normalize)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def parallel_rules() -> FrozenSet[str]:
+    """The ``sift.rule`` values that mark Sparse Parallel branches: the branch module's own, and the
+    rule of every registered transform whose main pass has export forms (a renamed or user-registered
+    one included), so no such transform silently misses its forms."""
+    from ..pipelines import get_transform, transform_names  # the registry imports the passes, not the exporters
+    specs = (get_transform(name) for name in transform_names())
+    return frozenset({PARALLEL_RULE} | {spec.rule for spec in specs if spec.export_forms and spec.rule})
+
+
+def has_export_forms(transform: str) -> bool:
+    """Whether results of ``transform`` have export forms (the registry says; False for unknown names)."""
+    from ..pipelines import get_transform, transform_names
+    return transform in transform_names() and get_transform(transform).export_forms
 
 
 @dataclass
@@ -67,6 +83,7 @@ class ParallelGroup:
     chains: List[List[fx.Node]]     # per branch: [layer, (norm), act] call_module nodes
     adds: List[fx.Node]             # the Add nodes of the sum, in graph order
     output: fx.Node                 # the node whose value is the sum
+    rule: str = PARALLEL_RULE       # the ``sift.rule`` of its nodes, kept on the stacked node
 
     @property
     def nodes(self) -> List[fx.Node]:
@@ -137,14 +154,17 @@ def _sum_tree(ends: Sequence[fx.Node], origin: str) -> Optional[Tuple[List[fx.No
 def find_parallel_groups(gm: fx.GraphModule) -> Tuple[List[ParallelGroup], List[str]]:
     """Every Sparse Parallel call site in ``gm``, and a note for each one whose shape is unexpected."""
     by_site: Dict[Tuple[str, fx.Node], Dict[int, fx.Node]] = {}
+    rule_of: Dict[Tuple[str, fx.Node], str] = {}
+    rules = parallel_rules()
     for node in gm.graph.nodes:
         role = _role(node)
-        if node.op != "call_module" or node.meta.get("sift.rule") != PARALLEL_RULE:
+        if node.op != "call_module" or node.meta.get("sift.rule") not in rules:
             continue
         parts = role.split(".")
         if len(parts) == 3 and parts[0] == "branches" and parts[2] == "layer" and node.args:
             key = (str(node.meta.get("sift.origin")), node.args[0])
             by_site.setdefault(key, {})[int(parts[1])] = node
+            rule_of[key] = str(node.meta["sift.rule"])
     groups, notes = [], []
     for (origin, source), layers in by_site.items():
         chains = [_branch_chain(layers[j], j) for j in sorted(layers)]
@@ -155,7 +175,7 @@ def find_parallel_groups(gm: fx.GraphModule) -> Tuple[List[ParallelGroup], List[
         if tree is None:
             notes.append(f"{origin}: branch outputs are not summed by one Add tree; kept as branches")
             continue
-        groups.append(ParallelGroup(origin, source, chains, tree[0], tree[1]))
+        groups.append(ParallelGroup(origin, source, chains, tree[0], tree[1], rule_of[(origin, source)]))
     return groups, notes
 
 
@@ -376,7 +396,7 @@ def _replace_group(gm: fx.GraphModule, group: ParallelGroup, path: str) -> None:
     source = group.chains[0][0].args[0]  # not group.source: rewriting an earlier call site may have replaced it
     with gm.graph.inserting_before(group.output):
         node = gm.graph.call_module(path, (source,))
-    node.meta.update({"sift.origin": group.origin, "sift.rule": PARALLEL_RULE, "sift.role": "stacked"})
+    node.meta.update({"sift.origin": group.origin, "sift.rule": group.rule, "sift.role": "stacked"})
     if "stack_trace" in group.output.meta:
         node.meta["stack_trace"] = group.output.meta["stack_trace"]
     group.output.replace_all_uses_with(node)

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, TextIO, Tuple
 import torch
 
 from .bench import BenchModel
-from .forms import DEFAULT_FORM
+from .forms import DEFAULT_FORM, has_export_forms
 from .onnx import ExportInfo, export_onnx
 
 
@@ -70,7 +70,7 @@ def export_variants(spec: str, transforms: Sequence[str], sparsities: Sequence[f
         exported = time.perf_counter() - start
         effective = result.report.effective_sparsity
         entry = BenchModel(label, path, transform, sparsity if transform != "none" else 0.0, family,
-                           form if transform == "parallel" else "", info.deepsparse_reason)
+                           form if has_export_forms(transform) else "", info.deepsparse_reason)
         if log and effective is not None and transform != "none":
             print(f"sift: {label}: sparse layers at s' = {effective:.4f} (iso-FLOP compensation)", file=log)
         variants.append(Variant(entry, info, compiled, exported))

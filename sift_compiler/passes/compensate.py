@@ -14,7 +14,7 @@ from typing import Optional
 
 from ..analyses.flops import FlopAnalysis
 from ..config import CompileConfig
-from ..errors import PassError
+from ..errors import PassError, at_node
 from ..sparsity.layers import MaskedLayer
 from .base import Pass, PassResult
 
@@ -60,8 +60,7 @@ class IsoFlopCompensationPass(Pass):
             return PassResult(False)
         options = self.options or CompensationOptions.of(unit.config)
         if options.budget == "latency":  # the latency budget decides the size: sparse layers stay at s
-            for node in masked_nodes:
-                gm.get_submodule(str(node.target)).target_density = 1.0 - options.sparsity
+            _set_densities(gm, masked_nodes, 1.0 - options.sparsity)
             unit.effective_sparsity = options.sparsity
             unit.notes.append(f"budget latency: sparse layers at s = {options.sparsity:g}, no iso-FLOP "
                               "compensation")
@@ -70,21 +69,30 @@ class IsoFlopCompensationPass(Pass):
             from ..analyses.shapes import ShapeAnalysis
             return PassResult(True, frozenset({ShapeAnalysis, LayerAnalysis}))
         masked_names = {n.name for n in masked_nodes}
+        for node in masked_nodes:
+            if node.name not in counts.nodes:
+                raise at_node(PassError("the FLOP analysis has no count for this sparse layer"), node)
         maskable = sum(counts.nodes[n].dense for n in masked_names)
-        dense_after = sum(f.dense for name, f in counts.nodes.items()
-                          if f.category == "weight" and name not in masked_names)
+        dense = {name: f.dense for name, f in counts.nodes.items()
+                 if f.category == "weight" and name not in masked_names}
+        dense_after = sum(dense.values())
         target = unit.baseline.weight_dense
         budget = target - dense_after
         if budget <= 0:
-            raise PassError(f"the layers that stay dense already cost {dense_after:.4g} FLOPs, more than the "
-                            f"dense model's {target:.4g}: no sparsity can make this model iso-FLOP; keep fewer "
-                            "layers dense or lower the sparsity")
+            # name the costliest dense layer (with its source line): the first one to reconsider
+            costliest = max(dense, key=dense.__getitem__, default=None)
+            nodes = {n.name: n for n in gm.graph.nodes}
+            error = PassError(f"the layers that stay dense already cost {dense_after:.4g} FLOPs, more than the "
+                              f"dense model's {target:.4g}: no sparsity can make this model iso-FLOP; keep fewer "
+                              "layers dense or lower the sparsity"
+                              + (f"; the costliest dense layer ({dense[costliest]:.4g} FLOPs) is"
+                                 if costliest in nodes else ""))
+            raise at_node(error, nodes[costliest]) if costliest in nodes else error
         density = budget / maskable
         if density > 1.0:
             unit.notes.append(f"compensation wanted density {density:.4f} > 1; capped at 1 (model under budget)")
             density = 1.0
-        for node in masked_nodes:
-            gm.get_submodule(str(node.target)).target_density = density
+        _set_densities(gm, masked_nodes, density)
         unit.effective_sparsity = 1.0 - density
         if abs(unit.effective_sparsity - options.sparsity) > 1e-6:
             unit.notes.append(f"compensated sparsity s' = {unit.effective_sparsity:.4f} "
@@ -93,3 +101,12 @@ class IsoFlopCompensationPass(Pass):
         from ..analyses.layers import LayerAnalysis
         from ..analyses.shapes import ShapeAnalysis
         return PassResult(True, frozenset({ShapeAnalysis, LayerAnalysis}))
+
+
+def _set_densities(gm, masked_nodes, density: float) -> None:
+    """Give every masked layer ``density``; a failure names the layer's node (`errors.at_node`)."""
+    for node in masked_nodes:
+        try:
+            gm.get_submodule(str(node.target)).target_density = density
+        except Exception as e:
+            raise at_node(e, node)

@@ -3,15 +3,35 @@ then the first values of every new module, the way the model initialises its own
 (`initialization`: the model's routine, else the layer type's default; one stream per layer)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 from ..analyses.layers import LayerAnalysis
 from ..analyses.shapes import ShapeAnalysis
+from ..config import CompileConfig
 from ..initialization import InitPolicy, LayerDefault, init_fresh_modules
 from ..sparsity.init import init_masks
 from .base import Pass, PassResult
 
 
+@dataclass(frozen=True)
+class InitOptions:
+    """The seed every mask and new weight is drawn from (one stream per layer)."""
+
+    seed: int = 0
+
+    @staticmethod
+    def of(config: CompileConfig) -> "InitOptions":
+        return InitOptions(config.seed)
+
+
 class InitMasksPass(Pass):
+    """Draw the masks, then the new weights (see the module docstring)."""
+
     name = "init-masks"
+
+    def __init__(self, options: Optional[InitOptions] = None) -> None:
+        self.options = options  # None: made from unit.config when the pass runs
 
     def call(self, unit) -> PassResult:
         if unit.on_meta:  # nothing to draw into: the masks and weights come with materialize()
@@ -19,7 +39,7 @@ class InitMasksPass(Pass):
                               "device, seed) draws them from their (seed, layer) streams")
             return PassResult(False, frozenset({ShapeAnalysis, LayerAnalysis}))
         policy = unit.init_policy or LayerDefault()
-        seed = unit.config.seed
+        seed = (self.options or InitOptions.of(unit.config)).seed
         # the layer default is init_masks' own draw, which can run on threads; a model's own init may not
         own_init = type(policy).draw_masked is not InitPolicy.draw_masked
         drawn = init_masks(unit.module, seed, draw_weights=(lambda layer, name: policy.draw_masked(layer, name, seed))

@@ -8,11 +8,13 @@ original layer's name) and ``sift.rule`` (the pass), so reports and exporters ca
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch.nn as nn
 
 from ..analyses.layers import LayerAnalysis, WeightLayer
+from ..config import CompileConfig
 from ..errors import at_node
 from ..initialization import mark_copy
 from ..sparsity.layers import deferred_init, masked_copy
@@ -21,6 +23,28 @@ from .base import Pass, PassResult
 from .graph_edit import finish_edits, splice_module
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+@dataclass(frozen=True)
+class RewriteOptions:
+    """What a rewrite pass needs from the `CompileConfig`, frozen (passes never read it globally).
+
+    ``activation``/``linear_norm``: sigma after sparse Linears (`sigma`); ``seed``: the streams of
+    tensors a rewrite redraws itself (Sparse Wide's parameters read by the graph).
+    """
+
+    sparsity: float
+    capacity: Optional[float] = None
+    round_to: int = 1
+    defer_init: bool = True
+    activation: str = "auto"
+    linear_norm: bool = False
+    seed: int = 0
+
+    @staticmethod
+    def of(config: CompileConfig) -> "RewriteOptions":
+        return RewriteOptions(config.sparsity, config.capacity, config.round_to, activation=config.activation,
+                              linear_norm=config.linear_norm, seed=config.seed)
 
 
 def sigma(layer: nn.Module, width: int, activation: str, linear_norm: bool) -> Tuple[Optional[nn.Module], nn.Module]:
@@ -36,9 +60,8 @@ def sigma(layer: nn.Module, width: int, activation: str, linear_norm: bool) -> T
     return norm, ACTIVATIONS[activation]()
 
 
-def model_activation(unit) -> str:
-    """The activation for sigma after linears: the config's, or the model's own ("auto")."""
-    chosen = unit.config.activation
+def model_activation(unit, chosen: str) -> str:
+    """The activation for sigma after linears: ``chosen``, or the model's own when it is "auto"."""
     return unit.analyses.get(LayerAnalysis).activation if chosen == "auto" else chosen
 
 
@@ -61,13 +84,22 @@ class LayerRewritePass(Pass):
     """Base of the layer-local Sparse-IFT rewrites; subclasses implement ``build``."""
 
     transform = "none"
+    export_forms = False  # True: the layers it makes have export forms (exporters.forms; TransformSpec)
 
-    def __init__(self, sparsity: float, defer_init: bool = False, capacity: Optional[float] = None) -> None:
+    def __init__(self, sparsity: float, defer_init: bool = False, capacity: Optional[float] = None,
+                 options: Optional[RewriteOptions] = None) -> None:
         self.sparsity = sparsity
         # the transform's size instead of its iso-FLOP formula (CompileConfig.capacity: unit per transform)
         self.capacity = capacity
         # leave the new sparse weights to InitMasksPass, which draws and masks them in one go
         self.defer_init = defer_init
+        # sigma's activation and LayerNorm; None: made from unit.config when the pass runs
+        self.options = options
+
+    def sigma_for(self, unit, layer: nn.Module, width: int) -> Tuple[Optional[nn.Module], nn.Module]:
+        """(norm, activation) after a sparse factor of ``width`` outputs, as the options ask (`sigma`)."""
+        options = self.options or RewriteOptions.of(unit.config)
+        return sigma(layer, width, model_activation(unit, options.activation), options.linear_norm)
 
     def build(self, unit, layer: WeightLayer, module: nn.Module) -> Tuple[nn.Module, str]:
         """Return (replacement module computing the transformed layer, a short detail string)."""

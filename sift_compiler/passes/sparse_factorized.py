@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch.nn as nn
 
 from ..sparsity.layers import new_layer
-from .rewrite import LayerRewritePass, fan, model_activation, round_to_multiple, sigma
+from .rewrite import LayerRewritePass, fan, round_to_multiple
 
 
 class FactorizedLayer(nn.Module):
@@ -62,5 +62,5 @@ class SparseFactorizedPass(LayerRewritePass):
             v = new_layer(module, in_channels=h, kernel_size=ones, stride=ones, padding=0, dilation=ones,
                           padding_mode="zeros")
         u.target_density = v.target_density = density
-        norm, act = sigma(module, h, model_activation(unit), unit.config.linear_norm)
+        norm, act = self.sigma_for(unit, module, h)
         return FactorizedLayer(u, norm, act, v).train(module.training), f"h={h} (ideal {ideal:.1f})"

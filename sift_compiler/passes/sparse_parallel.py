@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import torch.nn as nn
 
 from ..sparsity.layers import new_layer
-from .rewrite import LayerRewritePass, model_activation, sigma
+from .rewrite import LayerRewritePass
 
 
 class SparseBranch(nn.Module):
@@ -62,16 +62,16 @@ class SparseParallelPass(LayerRewritePass):
 
     name = "sparse-parallel"
     transform = "parallel"
+    export_forms = True  # its branches can be stacked into one layer at export (exporters.forms)
 
     def build(self, unit, layer, module) -> Tuple[nn.Module, str]:
         count = num_branches(self.sparsity) if self.capacity is None else max(1, int(round(self.capacity)))
-        cfg = unit.config
         branches = []
         for _ in range(count):
             sparse = new_layer(module)
             sparse.target_density = 1.0 / count
             width = sparse.out_features if isinstance(sparse, nn.Linear) else sparse.out_channels
-            norm, act = sigma(module, width, model_activation(unit), cfg.linear_norm)
+            norm, act = self.sigma_for(unit, module, width)
             branches.append(SparseBranch(sparse, norm, act))
         ideal = 1.0 / (1.0 - self.sparsity) if self.capacity is None else self.capacity
         what = "1/(1-s)" if self.capacity is None else "capacity"

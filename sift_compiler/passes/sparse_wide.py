@@ -29,6 +29,7 @@ from collections import Counter
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ..analyses.axes import Prod, Sum, Sym, symbols
@@ -36,13 +37,13 @@ from ..analyses.coupling import ChannelCouplingAnalysis, CouplingResult, getattr
 from ..analyses.layers import LayerAnalysis
 from ..analyses.ops import module_kind
 from ..analyses.shapes import ShapeAnalysis
-from ..errors import PassError
+from ..errors import PassError, at_node
 from ..initialization import mark_copy, mark_fresh, stream_seed
 from ..sparsity.layers import MaskedLayer, deferred_init, masked_copy, new_layer
 from ..unit import LayerDecision, ModuleRewrite, TensorRewrite
 from .base import Pass, PassResult
 from .graph_edit import finish_edits
-from .rewrite import round_to_multiple
+from .rewrite import RewriteOptions, round_to_multiple
 
 
 def widening_factor(sparsity: float) -> float:
@@ -82,11 +83,12 @@ class SparseWidePass(Pass):
     name = "sparse-wide"
 
     def __init__(self, sparsity: float, round_to: int = 1, defer_init: bool = False,
-                 factor: Optional[float] = None) -> None:
+                 factor: Optional[float] = None, options: Optional[RewriteOptions] = None) -> None:
         self.sparsity = sparsity
         self.round_to = round_to
         self.factor = widening_factor(sparsity) if factor is None else factor  # k, or the capacity asked for
         self.defer_init = defer_init  # see LayerRewritePass
+        self.options = options  # the seed of redrawn parameters; None: made from unit.config when the pass runs
 
     def call(self, unit) -> PassResult:
         coupling = unit.analyses.get(ChannelCouplingAnalysis)
@@ -116,24 +118,34 @@ class SparseWidePass(Pass):
         rebuilt: Dict[str, nn.Module] = {}
         calls = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
         for path, entry in coupling.modules.items():
-            module = gm.get_submodule(path)
-            layer = table.layers.get(path)
-            replacement, detail = self._resize(module, entry, size_of, layer)
-            old_weight = getattr(module, "weight", None)
-            if isinstance(old_weight, nn.Parameter) and replacement is not module:
-                tied = new_params.get(id(old_weight))
-                if tied is not None and tied.shape == replacement.weight.shape:
-                    replacement.weight = tied
-                else:
-                    new_params[id(old_weight)] = replacement.weight
-            if replacement is not module:
-                gm.add_submodule(path, replacement)
-                rebuilt[path] = replacement
-                unit.rewrites.modules.append(ModuleRewrite.of(path, module, replacement, calls.get(path)))
-            if layer is not None and layer.kind in ("linear", "conv"):
-                unit.decisions[path] = LayerDecision("wide" if _is_masked(replacement) else "kept", detail,
-                                                     kept_at_width(coupling.axes, entry))
+            try:
+                self._rebuild_module(unit, coupling, table, size_of, path, entry, calls.get(path), new_params,
+                                     rebuilt)
+            except Exception as e:  # the pass manager names the module's call and its source line
+                raise at_node(e, calls[path]) if path in calls else e
         return rebuilt
+
+    def _rebuild_module(self, unit, coupling, table, size_of, path: str, entry, call: Optional[fx.Node],
+                        new_params: Dict[int, nn.Parameter], rebuilt: Dict[str, nn.Module]) -> None:
+        """Resize the module at ``path`` to its groups' new sizes, keeping weights tied across modules."""
+        gm = unit.module
+        module = gm.get_submodule(path)
+        layer = table.layers.get(path)
+        replacement, detail = self._resize(module, entry, size_of, layer)
+        old_weight = getattr(module, "weight", None)
+        if isinstance(old_weight, nn.Parameter) and replacement is not module:
+            tied = new_params.get(id(old_weight))
+            if tied is not None and tied.shape == replacement.weight.shape:
+                replacement.weight = tied
+            else:
+                new_params[id(old_weight)] = replacement.weight
+        if replacement is not module:
+            gm.add_submodule(path, replacement)
+            rebuilt[path] = replacement
+            unit.rewrites.modules.append(ModuleRewrite.of(path, module, replacement, call))
+        if layer is not None and layer.kind in ("linear", "conv"):
+            unit.decisions[path] = LayerDecision("wide" if _is_masked(replacement) else "kept", detail,
+                                                 kept_at_width(coupling.axes, entry))
 
     def _resize(self, module: nn.Module, entry, size_of, layer) -> Tuple[nn.Module, str]:
         kind = module_kind(module)
@@ -184,6 +196,7 @@ class SparseWidePass(Pass):
     # -- parameters, literals ------------------------------------------------------------
     def _rebuild_params(self, unit, coupling: CouplingResult, size_of, rebuilt: Dict[str, nn.Module]) -> None:
         gm = unit.module
+        seed = (self.options or RewriteOptions.of(unit.config)).seed
         done: Dict[int, torch.Tensor] = {}
         for target, exprs in coupling.params.items():
             owner_path, _, attr = target.rpartition(".")
@@ -195,7 +208,7 @@ class SparseWidePass(Pass):
                 continue
             new = done.get(id(old))
             if new is None:
-                new = _redraw(old, shape, torch.Generator().manual_seed(stream_seed(unit.config.seed, target)))
+                new = _redraw(old, shape, torch.Generator().manual_seed(stream_seed(seed, target)))
                 done[id(old)] = new
             owner = gm.get_submodule(owner_path) if owner_path else gm
             unit.rewrites.tensors.append(TensorRewrite(target, old, new))
@@ -209,23 +222,31 @@ class SparseWidePass(Pass):
         nodes = {n.name: n for n in unit.module.graph.nodes}
         axes = coupling.axes
         for literal in coupling.literals:
-            new = size_of(literal.expr)
-            if literal.source is not None:  # a node computing the size: keep it while it computes it
-                stale = size_of(literal.source) != new
-            else:
-                stale = new != literal.value or any(size_of(e) != axes.original(e) for e in literal.computed)
-            if not stale:
-                continue
             node = nodes[literal.node]
-            unit.rewrites.literal(node, literal.value, new)
-            args = list(node.args)
-            if literal.slot is None:
-                args[literal.index] = new
-            else:
-                inner = list(args[literal.index])
-                inner[literal.slot] = new
-                args[literal.index] = type(node.args[literal.index])(inner)
-            node.args = tuple(args)
+            try:
+                self._rewrite_literal(unit, axes, size_of, literal, node)
+            except Exception as e:  # the pass manager names the view/split and its source line
+                raise at_node(e, node)
+
+    @staticmethod
+    def _rewrite_literal(unit, axes, size_of, literal, node: fx.Node) -> None:
+        """Put the new size into ``node``'s arguments where the literal no longer holds."""
+        new = size_of(literal.expr)
+        if literal.source is not None:  # a node computing the size: keep it while it computes it
+            stale = size_of(literal.source) != new
+        else:
+            stale = new != literal.value or any(size_of(e) != axes.original(e) for e in literal.computed)
+        if not stale:
+            return
+        unit.rewrites.literal(node, literal.value, new)
+        args = list(node.args)
+        if literal.slot is None:
+            args[literal.index] = new
+        else:
+            inner = list(args[literal.index])
+            inner[literal.slot] = new
+            args[literal.index] = type(node.args[literal.index])(inner)
+        node.args = tuple(args)
 
     def _rescale_attention(self, unit, coupling: CouplingResult, size_of) -> None:
         """With head_dim widened, an explicit sdpa scale 1/sqrt(d) follows the new d."""

@@ -28,7 +28,7 @@ from ..analyses.flops import FlopAnalysis, FlopCounts, mask_nnz
 from ..config import CompileConfig
 from ..analyses.layers import LayerAnalysis
 from ..analyses.shapes import ShapeAnalysis
-from ..errors import PassError, PostconditionError
+from ..errors import PassError, PostconditionError, at_node
 from ..sparsity.init import exact_count
 from ..sparsity.layers import iter_masked
 from .base import Pass, PassResult
@@ -68,22 +68,31 @@ class VerifyPass(Pass):
         outputs = unit.analyses.get(ShapeAnalysis).outputs(unit.module)
         if unit.baseline_outputs is not None and outputs != unit.baseline_outputs:
             raise PassError(f"output shapes changed: {outputs} instead of {unit.baseline_outputs}")
+        calls = {str(n.target): n for n in unit.module.graph.nodes if n.op == "call_module"}
         for name, layer in [] if unit.on_meta else iter_masked(unit.module):  # on meta: planned, not drawn
-            if layer.init_pending:
-                raise PassError(f"weights of {name!r} were never initialised: a rewrite ran with defer_init=True "
-                                "but no InitMasksPass followed it in the pipeline")
-            if layer.weight_mask.shape != layer.weight.shape:
-                raise PassError(f"mask of {name!r} has shape {tuple(layer.weight_mask.shape)}, weight "
-                                f"{tuple(layer.weight.shape)}")
-            expected = exact_count(layer.target_density, layer.weight.numel())
-            actual = mask_nnz(layer.weight_mask)
-            if layer.target_density < 1 and actual != expected:
-                raise PassError(f"mask of {name!r} has {actual} non-zeros, expected {expected}")
+            try:
+                self._check_mask(name, layer)
+            except PassError as e:  # the pass manager names the layer's call and its source line
+                raise at_node(e, calls[name]) if name in calls else e
         counts = unit.analyses.get(FlopAnalysis)
         options = self.options or VerifyOptions.of(unit.config)
         if unit.baseline is not None and options.iso_flop and unit.baseline.weight_dense > 0:
             self._check_iso_flop(unit, counts, options)
         return PassResult(False, frozenset({ShapeAnalysis, FlopAnalysis, LayerAnalysis}))
+
+    @staticmethod
+    def _check_mask(name: str, layer) -> None:
+        """Weights drawn, and a mask of the weight's shape with exactly round(density * numel) non-zeros."""
+        if layer.init_pending:
+            raise PassError(f"weights of {name!r} were never initialised: a rewrite ran with defer_init=True "
+                            "but no InitMasksPass followed it in the pipeline")
+        if layer.weight_mask.shape != layer.weight.shape:
+            raise PassError(f"mask of {name!r} has shape {tuple(layer.weight_mask.shape)}, weight "
+                            f"{tuple(layer.weight.shape)}")
+        expected = exact_count(layer.target_density, layer.weight.numel())
+        actual = mask_nnz(layer.weight_mask)
+        if layer.target_density < 1 and actual != expected:
+            raise PassError(f"mask of {name!r} has {actual} non-zeros, expected {expected}")
 
     @staticmethod
     def _check_iso_flop(unit, counts: FlopCounts, options: VerifyOptions) -> None:
