@@ -25,10 +25,11 @@ class CompensationOptions:
 
     sparsity: float
     budget: str = "flops"
+    iso_flop: bool = True   # the result is meant to cost what the dense model does (`CompileConfig.iso_flop`)
 
     @staticmethod
     def of(config: CompileConfig) -> "CompensationOptions":
-        return CompensationOptions(config.sparsity, config.budget)
+        return CompensationOptions(config.sparsity, config.budget, config.iso_flop)
 
 
 class IsoFlopCompensationPass(Pass):
@@ -48,17 +49,17 @@ class IsoFlopCompensationPass(Pass):
         gm = unit.module
         masked_nodes = [n for n in gm.graph.nodes if n.op == "call_module"
                         and isinstance(gm.get_submodule(str(n.target)), MaskedLayer)]
+        options = self.options or CompensationOptions.of(unit.config)
         if not masked_nodes:
             # nothing to pay with: fine unless the rewrite made the dense layers dearer (Sparse Wide
             # widening a first or last layer's inner side with no sparse layer between them)
             total, target = counts.weight_dense, unit.baseline.weight_dense
-            if total > target * (1 + 1e-9):
+            if options.iso_flop and total > target * (1 + 1e-9):
                 raise PassError(f"no layer could be made sparse, and the rewrite left dense layers costing "
                                 f"{total:.4g} FLOPs, more than the dense model's {target:.4g}: no sparsity can make "
                                 "this model iso-FLOP; the model has nothing between its first and last layers to "
                                 "transform")
             return PassResult(False)
-        options = self.options or CompensationOptions.of(unit.config)
         if options.budget == "latency":  # the latency budget decides the size: sparse layers stay at s
             _set_densities(gm, masked_nodes, 1.0 - options.sparsity)
             unit.effective_sparsity = options.sparsity
