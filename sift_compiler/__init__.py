@@ -15,7 +15,8 @@ from .errors import (CaptureError, ExportError, ModelLoadError, PassError, SiftE
                      UserInputError)
 from .exporters.onnx import export_onnx
 from .initialization import init_weights, materialize
-from .pipelines import get_pipeline, pipeline_names, register_pipeline, register_transform, transform_names
+from .pipelines import (CapacityRule, get_pipeline, pipeline_names, register_pipeline, register_transform,
+                        transform_names)
 from .report import FlopReport
 from .serialize import load, save
 from .unit import CompilationUnit
@@ -23,6 +24,6 @@ from .unit import CompilationUnit
 __version__ = "0.1.0"
 __all__ = ["compile", "flops", "CompileResult", "CompileConfig", "CompilationUnit", "FlopReport", "capture",
            "leaf_module", "load_model", "export_onnx", "get_pipeline", "pipeline_names", "register_pipeline",
-           "register_transform", "transform_names",
+           "register_transform", "transform_names", "CapacityRule",
            "load", "save", "sparsity", "init_weights", "materialize", "latency", "SiftError", "UserInputError", "ModelLoadError", "CaptureError",
            "PassError", "ExportError", "UnsupportedOpError"]

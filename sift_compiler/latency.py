@@ -110,17 +110,19 @@ class LatencySearch:
         return asdict(self)
 
 
+def capacity_rule(transform: str):
+    """The transform's `pipelines.CapacityRule` (from the registry), or `UserInputError` if it has none."""
+    from .pipelines import get_transform
+    rule = get_transform(transform).capacity
+    if rule is None:
+        raise UserInputError(f"budget='latency' needs a transform with a capacity to search, and {transform!r} has "
+                             "none; register it with register_transform(..., capacity=CapacityRule(...))")
+    return rule
+
+
 def iso_flop_capacity(transform: str, sparsity: float) -> float:
     """The capacity the iso-FLOP formulas give (`CompileConfig.capacity` units)."""
-    if transform == "wide":
-        return math.sqrt(1.0 / (1.0 - sparsity))
-    if transform == "parallel":
-        return float(max(1, round(1.0 / (1.0 - sparsity))))
-    return 1.0
-
-
-def _smallest(transform: str) -> float:
-    return 1.0 if transform in ("wide", "parallel") else 0.1
+    return capacity_rule(transform).iso_flop(sparsity)
 
 
 def check_runtime(runtime: Optional[str]) -> str:
@@ -207,10 +209,9 @@ def search(transform: str, sparsity: float, compile_at: Callable[[Optional[float
     ``measured``: probes of earlier searches of the same model, transform, runtime and batch (e.g.
     for other budget ratios), reused instead of measured again; new probes are added to it.
     """
-    if transform not in ("wide", "parallel", "factorized", "doped"):
-        raise UserInputError(f"budget='latency' needs a Sparse-IFT transform, not {transform!r}")
-    integer = transform == "parallel"
-    iso = iso_flop_capacity(transform, sparsity)
+    rule = capacity_rule(transform)
+    integer = rule.whole
+    iso = rule.iso_flop(sparsity)
     cap = budget.max_capacity or 4.0 * iso
     measured = {} if measured is None else measured
     measurer: Optional[_Measurer] = None
@@ -224,7 +225,7 @@ def search(transform: str, sparsity: float, compile_at: Callable[[Optional[float
                 measured[capacity] = measurer.measure(capacity)
             probes.append(measured[capacity])
             return probes[-1]
-        low = probe(_smallest(transform))
+        low = probe(rule.smallest)
         if not low.meets(budget.ratio):
             return _answer(transform, sparsity, runtime, budget, iso, probes, low,
                            f"even the smallest capacity ({low.capacity:g}) is {low.latency_ratio:.3f}x the dense "

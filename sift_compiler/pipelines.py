@@ -26,13 +26,25 @@ from .passes.init_masks import InitMasksPass, InitOptions
 from .passes.rewrite import RewriteOptions
 from .passes.sparse_doped import SparseDopedPass
 from .passes.sparse_factorized import SparseFactorizedPass
-from .passes.sparse_parallel import SparseParallelPass
-from .passes.sparse_wide import SparseWidePass
+from .passes.sparse_parallel import SparseParallelPass, num_branches
+from .passes.sparse_wide import SparseWidePass, widening_factor
 from .passes.verify import VerifyOptions, VerifyPass
 
 PipelineFactory = Callable[[CompileConfig], List[Pass]]
 _PIPELINES: Dict[str, PipelineFactory] = {}
 
+
+@dataclass(frozen=True)
+class CapacityRule:
+    """What a transform's ``capacity`` (`CompileConfig.capacity`) means, for the iso-latency search.
+
+    ``iso_flop(s)`` is the capacity the iso-FLOP formula gives at sparsity s; ``whole`` says the
+    capacity is a whole number (Parallel's branches); ``smallest`` is where the search starts.
+    """
+
+    iso_flop: Callable[[float], float]
+    whole: bool = False
+    smallest: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class TransformSpec:
     main_pass: Optional[type] = None   # the rewrite pass class (None: no rewrite, e.g. "none")
     summary: str = ""                  # one line for --help
     iso_flop: bool = True              # VerifyPass checks the result costs what the dense model does
+    capacity: Optional[CapacityRule] = None   # None: no capacity, so no budget="latency" search
 
     @property
     def rule(self) -> Optional[str]:
@@ -62,17 +75,18 @@ TRANSFORM_PIPELINES: Dict[str, str] = {}
 
 
 def register_transform(name: str, pipeline: str, main_pass: Optional[type] = None, summary: str = "",
-                       iso_flop: bool = True) -> TransformSpec:
+                       iso_flop: bool = True, capacity: Optional[CapacityRule] = None) -> TransformSpec:
     """Make ``name`` a transform: ``sift.compile(model, name, ...)`` and ``sift-compile -t name`` run ``pipeline``.
 
     ``pipeline`` must be registered (`register_pipeline`); ``iso_flop=False`` skips the iso-FLOP
-    check of `VerifyPass` for this transform.
+    check of `VerifyPass` for this transform; ``capacity`` (a `CapacityRule`) lets
+    ``budget="latency"`` search its size.
     """
     if name in _TRANSFORMS:
         raise ValueError(f"transform {name!r} is already registered")
     if pipeline not in _PIPELINES:
         raise UserInputError(f"transform {name!r}: unknown pipeline {pipeline!r}; known: {', '.join(pipeline_names())}")
-    spec = TransformSpec(name, pipeline, main_pass, summary, iso_flop)
+    spec = TransformSpec(name, pipeline, main_pass, summary, iso_flop, capacity)
     _TRANSFORMS[name] = spec
     TRANSFORM_PIPELINES[name] = pipeline
     return spec
@@ -168,7 +182,12 @@ def sparse_wide_pipeline(config: CompileConfig) -> List[Pass]:
 
 
 register_transform("none", "dense-baseline", None, "the dense baseline (no rewrite)", iso_flop=False)
-register_transform("parallel", "sparse-parallel", SparseParallelPass, "B sparse branches summed")
-register_transform("factorized", "sparse-factorized", SparseFactorizedPass, "W -> U sigma V, sparse factors")
-register_transform("doped", "sparse-doped", SparseDopedPass, "a dense low-rank UV plus a sparse M")
-register_transform("wide", "sparse-wide", SparseWidePass, "sparse layers k times wider")
+# capacities: Parallel's B and Wide's k as such; Factorized's h and Doped's r as multiples of their iso-FLOP size
+register_transform("parallel", "sparse-parallel", SparseParallelPass, "B sparse branches summed",
+                   capacity=CapacityRule(lambda s: float(num_branches(s)), whole=True, smallest=1.0))
+register_transform("factorized", "sparse-factorized", SparseFactorizedPass, "W -> U sigma V, sparse factors",
+                   capacity=CapacityRule(lambda s: 1.0))
+register_transform("doped", "sparse-doped", SparseDopedPass, "a dense low-rank UV plus a sparse M",
+                   capacity=CapacityRule(lambda s: 1.0))
+register_transform("wide", "sparse-wide", SparseWidePass, "sparse layers k times wider",
+                   capacity=CapacityRule(widening_factor, smallest=1.0))

@@ -158,3 +158,13 @@ def test_a_renamed_parallel_transform_keeps_its_export_forms():
     assert stacked.rewritten
     with torch.no_grad():
         torch.testing.assert_close(stacked.module(X), gm(X))
+
+
+def test_the_latency_search_takes_capacities_from_the_registry():
+    from sift_compiler.latency import iso_flop_capacity
+    assert iso_flop_capacity("wide", 0.75) == pytest.approx(2.0)            # k = sqrt(1 / (1 - s))
+    assert iso_flop_capacity("parallel", 0.9) == 10.0 and get_transform("parallel").capacity.whole
+    assert iso_flop_capacity("doped", 0.9) == 1.0                            # r as a multiple of its iso-FLOP r
+    # a transform registered without a capacity rule cannot be searched, and the error says how to give it one
+    with pytest.raises(UserInputError, match=r"mine-two-branches.*has none.*CapacityRule"):
+        sift.compile(mlp(), MINE, 0.75, (X,), budget="latency", runtime="onnxruntime")
