@@ -38,7 +38,8 @@ def _worker(args: argparse.Namespace) -> None:
 
     import sift_compiler as sift
     from sift_compiler.distributed import fully_shard_model
-    from sift_compiler.sparsity import iter_masked, plain_copy
+    from sift_compiler.exporters import bake_masks
+    from sift_compiler.sparsity import iter_masked
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -51,16 +52,9 @@ def _worker(args: argparse.Namespace) -> None:
     compiled = sift.compile(LlamaForCausalLM(config), args.transform, args.sparsity,
                             example_kwargs={"input_ids": ids}, seed=0).module
 
-    def without_masks(module):
-        plain = copy.deepcopy(module)
-        for name, layer in list(iter_masked(plain)):
-            parent, _, child = name.rpartition(".")
-            setattr(plain.get_submodule(parent) if parent else plain, child, plain_copy(layer))
-        return plain
-
     variants = {}
     for name in ("plain", "sift"):
-        model = (without_masks(compiled) if name == "plain" else copy.deepcopy(compiled)).train()
+        model = (bake_masks(compiled) if name == "plain" else copy.deepcopy(compiled)).train()
         fully_shard_model(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         engine = sift.sparsity.RigL(model, opt, total_steps=10 ** 6, update_interval=args.update_interval) \

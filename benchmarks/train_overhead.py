@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import sift_compiler as sift
-from sift_compiler.sparsity import iter_masked, plain_copy
+from sift_compiler.exporters import bake_masks
+from sift_compiler.sparsity import iter_masked
 
 
 def build(spec: str, classes: int) -> nn.Module:
@@ -40,15 +41,6 @@ def build(spec: str, classes: int) -> nn.Module:
         model.maxpool = nn.Identity()
         return model
     return sift.load_model(spec).module
-
-
-def without_masks(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` with every masked layer replaced by its plain layer (same weights)."""
-    plain = copy.deepcopy(module)
-    for name, layer in list(iter_masked(plain)):
-        parent_name, _, child = name.rpartition(".")
-        setattr(plain.get_submodule(parent_name) if parent_name else plain, child, plain_copy(layer))
-    return plain
 
 
 class Trainer:
@@ -113,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     masked = Trainer(copy.deepcopy(result.module),
                      lambda m, o: sift.sparsity.RigL(m, o, total_steps=never, update_interval=never // 2), data, device,
                      clock)
-    plain = Trainer(without_masks(result.module), None, data, device, clock)
+    plain = Trainer(bake_masks(result.module), None, data, device, clock)
     for trainer in (masked, plain):  # warm-up
         for _ in range(3):
             trainer.step()

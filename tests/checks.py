@@ -1,6 +1,10 @@
 """Independent checks of a compiled model, used by many tests."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -61,3 +65,17 @@ def assert_allclose_outputs(actual, expected, rtol=1e-3, atol_scale=1e-4) -> Non
     for a, e in zip(actual, expected):
         e = np.asarray(e)
         np.testing.assert_allclose(np.asarray(a), e, rtol=rtol, atol=atol_scale * max(1.0, float(np.abs(e).max())))
+
+
+def run_script(script: str, *args: str, ranks: int = 1, timeout: int = 600) -> None:
+    """Run a test file as a program (its ``__main__``) in a fresh process, or under torchrun with
+    ``ranks`` gloo processes, one torch thread each and the repository on the path; fails the
+    test with the end of its output if it exits non-zero."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", NM_DISABLE_ANALYTICS="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    prefix = [sys.executable] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    run = subprocess.run(prefix + [os.path.abspath(script), *args], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]

@@ -11,10 +11,10 @@ from a rank-local gradient, would diverge and fail the comparison.
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import torch
+from checks import run_script
 
 STEPS, INTERVAL = 12, 3
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "all_gather_into_tensor",
@@ -85,13 +85,7 @@ def _worker(out_dir: str) -> None:
 
 
 def test_ddp_two_processes_keep_identical_masks(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", NM_DISABLE_ANALYTICS="1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.abspath(__file__), str(tmp_path)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_script(__file__, str(tmp_path), ranks=2, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for method in ("rigl", "set"):
         a, b = ranks[0][method], ranks[1][method]

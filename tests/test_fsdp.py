@@ -27,10 +27,10 @@ import functools
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import torch
+from checks import run_script
 
 STEPS, INTERVAL, SAVE_AT, SET_STEPS, STATIC_STEPS, NM_STEPS = 20, 4, 10, 12, 4, 8
 NM = dict(pattern="nm", n=2, m=8, update_interval=2)
@@ -206,14 +206,7 @@ def _main(mode: str, out_dir: str) -> None:
 
 
 def _launch(args, tmp_path, torchrun=False):
-    env = dict(os.environ, OMP_NUM_THREADS="1", NM_DISABLE_ANALYTICS="1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
-        else [sys.executable]
-    run = subprocess.run(prefix + [os.path.abspath(__file__), *args, str(tmp_path)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    run_script(__file__, *args, str(tmp_path), ranks=2 if torchrun else 1)
 
 
 def _same_steps(a, b, keys=("masks", "weights", "params")):

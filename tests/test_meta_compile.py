@@ -8,9 +8,7 @@ the same tensors as materializing whole.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -18,6 +16,7 @@ import torch
 
 import sift_compiler as sift
 from sift_compiler.testing import assert_masks_exact
+from checks import run_script
 
 CONFIG = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=128, vocab_size=500, max_position_embeddings=64)
@@ -75,13 +74,7 @@ def _shard_worker(out_dir: str) -> None:
 
 
 def test_materialized_shard_by_shard_under_fsdp2_equals_materialized_whole(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", NM_DISABLE_ANALYTICS="1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.abspath(__file__), str(tmp_path)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_script(__file__, str(tmp_path), ranks=2, timeout=300)
     sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)
     assert sharded["local_rows"] * 2 == sharded["rows"]  # each rank held half of the mask
     whole = sift.materialize(sift.compile(_llama("meta"), "wide", 0.75, (), {"input_ids": IDS}, seed=3).module,

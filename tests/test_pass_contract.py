@@ -280,14 +280,8 @@ def test_a_failure_resizing_a_module_names_sparse_wide_the_module_and_its_line(m
     _names_pass_layer_and_line(str(info.value), "sparse-wide", "conv")
 
 
-class ReshapesChannels(nn.Module):
+class ReshapesChannels(SmallCNN):
     """A literal channel count in a view: Sparse Wide rewrites it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(1, 8, 3, padding=1)
-        self.conv = nn.Conv2d(8, 16, 3, padding=1)
-        self.head = nn.Linear(16, 10)
 
     def forward(self, x):
         x = F.relu(self.conv(F.relu(self.stem(x))))
