@@ -67,11 +67,6 @@ def _get(root: nn.Module, path: str) -> Optional[nn.Module]:
         return None
 
 
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
 def _holds(found: nn.Module, called: nn.Module) -> bool:
     """Is ``found`` (a module of the model) the one whose computation the graph called as ``called``?
 
@@ -134,7 +129,7 @@ def _swap_modules(model: nn.Module, rewrites: Sequence[ModuleRewrite]) -> Tuple[
                            f"{_where(rewrite.location)} that no module of the model owns: its rewrite has no module "
                            "to replace; make it a module (nn.Linear/nn.Conv/nn.LayerNorm) to get the native model")
             continue
-        _set(model, path, rewrite.new if _structural(rewrite.new) else _resized_like(found, rewrite.new))
+        model.set_submodule(path, rewrite.new if _structural(rewrite.new) else _resized_like(found, rewrite.new))
         replaced.append(path)
     return reasons, replaced
 
@@ -208,7 +203,7 @@ def _restore_library_modules(model: nn.Module, originals: Dict[str, nn.Module], 
     for path, original in originals.items():
         if any(t == path or t.startswith(path + ".") for t in touched):
             continue  # replaced in its explicit form (Conv1D as a Linear, attention with explicit projections)
-        _set(model, path, original)
+        model.set_submodule(path, original)
         restored.append(path)
     return restored
 

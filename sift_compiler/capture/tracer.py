@@ -216,8 +216,7 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
     finally:
         if not copy_model:
             for path, module in canonicalized.items():
-                parent, _, name = path.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, name, module)
+                model.set_submodule(path, module)
             for module, flag in flags:
                 module.training = flag
     notes = [note] if note else []

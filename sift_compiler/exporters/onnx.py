@@ -84,17 +84,11 @@ class ExportInfo:
     deepsparse_reason: str = ""                     # why DeepSparse must not run the file (not-for-deepsparse)
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)
-
-
 def bake_masks(module: nn.Module, inplace: bool = False) -> nn.Module:
     """A deep copy of ``module`` (or ``module`` itself) in which masked layers are plain layers with exact zeros."""
     baked = module if inplace else copy.deepcopy(module)
     for name, layer in list(iter_masked(baked)):
-        _set_submodule(baked, name, plain_copy(layer))
+        baked.set_submodule(name, plain_copy(layer))
     return baked
 
 
