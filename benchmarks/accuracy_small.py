@@ -206,8 +206,8 @@ def from_json(path: str) -> List[Outcome]:
 
 
 def available(transforms: Sequence[str]) -> Tuple[List[str], List[str]]:
-    from sift_compiler.pipelines import TRANSFORM_PIPELINES, pipeline_names
-    ok = [t for t in transforms if TRANSFORM_PIPELINES.get(t) in pipeline_names()]
+    from sift_compiler.registry import transform_names
+    ok = [t for t in transforms if t in transform_names()]
     return ok, [t for t in transforms if t not in ok]
 
 

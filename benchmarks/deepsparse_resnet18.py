@@ -35,7 +35,7 @@ from sift_compiler.exporters.forms import DEFAULT_FORM, FORMS  # noqa: E402
 from sift_compiler.exporters.onnx import export_onnx  # noqa: E402
 from sift_compiler.exporters.runtimes import deepsparse_status  # noqa: E402
 from sift_compiler.io import write_text  # noqa: E402
-from sift_compiler.pipelines import TRANSFORM_PIPELINES, pipeline_names  # noqa: E402
+from sift_compiler.registry import transform_names  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -62,10 +62,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def available_transforms(names: Sequence[str]) -> List[str]:
-    registered = set(pipeline_names())
+    registered = set(transform_names())
     keep = []
     for name in names:
-        if TRANSFORM_PIPELINES.get(name) in registered:
+        if name in registered:
             keep.append(name)
         else:
             print(f"note: transform {name!r} is not available in this build; skipped", file=sys.stderr)

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from sift_compiler import compile as sift_compile  # noqa: E402
 from sift_compiler.capture.sources import load_model  # noqa: E402
 from sift_compiler.errors import SiftError, first_line  # noqa: E402
-from sift_compiler.exporters.outcome import export_with_compile_remedies  # noqa: E402
+from sift_compiler.exporters.remedies import export_with_compile_remedies  # noqa: E402
 from sift_compiler.exporters.runtimes import deepsparse_status  # noqa: E402
 
 # (spec, input shape): small inputs where the architecture allows them; 224 where it needs it

@@ -25,7 +25,8 @@ import torchvision  # noqa: E402
 
 from sift_compiler.config import CompileConfig  # noqa: E402
 from sift_compiler.exporters.bench import machine_description  # noqa: E402
-from sift_compiler.latency import LatencyBudget, compile_for_latency, iso_flop_capacity  # noqa: E402
+from sift_compiler.api import compile_for_latency  # noqa: E402
+from sift_compiler.latency import LatencyBudget, iso_flop_capacity  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

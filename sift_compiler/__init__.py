@@ -8,7 +8,7 @@
 >>> sift.export_onnx(result.module, (x,), "model.onnx")
 """
 from . import latency, sparsity
-from .api import CompileResult, compile, flops
+from .api import CompileResult, compile, flops, load
 from .capture import capture, leaf_module, load_model
 from .config import CompileConfig
 from .errors import (CaptureError, ExportError, ModelLoadError, PassError, SiftError, UnsupportedOpError,
@@ -18,10 +18,10 @@ from .initialization import init_weights, materialize
 from .pipelines import (CapacityRule, get_pipeline, pipeline_names, register_pipeline, register_transform,
                         transform_names)
 from .report import FlopReport
-from .serialize import load, save
+from .serialize import save
 from .unit import CompilationUnit
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["compile", "flops", "CompileResult", "CompileConfig", "CompilationUnit", "FlopReport", "capture",
            "leaf_module", "load_model", "export_onnx", "get_pipeline", "pipeline_names", "register_pipeline",
            "register_transform", "transform_names", "CapacityRule",

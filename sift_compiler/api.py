@@ -1,6 +1,7 @@
 """The Python API: `compile` and `flops` (re-exported by `sift_compiler`)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
@@ -9,15 +10,17 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import serialize
 from .analyses.flops import FlopAnalysis
 from .capture.tracer import capture
 from .config import CompileConfig, attach_config, config_of
 from .errors import UserInputError
 from .initialization import init_policy_for
+from .latency import LatencyBudget, Probe, check_runtime, search
 from .native import OUTPUTS, build_native, check_native
 from .passes.base import ProgressInstrument, TimingInstrument
 from .pipelines import pipeline_for
-from .report import FlopReport, build_report
+from .report import FlopReport, build_report, current_report
 from .shortfall import check_as_asked
 from .unit import CompilationUnit
 
@@ -48,8 +51,7 @@ class CompileResult:
 
     def save(self, path: str) -> None:
         """Write the compiled model so that `sift_compiler.load` restores it (see serialize.py)."""
-        from .serialize import save
-        save(self, path)
+        serialize.save(self, path)
 
 
 def _as_tuple(example_inputs: Any) -> Tuple[Any, ...]:
@@ -147,7 +149,6 @@ def compile_config(model: nn.Module, config: CompileConfig, example_inputs: Any 
     if output not in OUTPUTS:
         raise UserInputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     if config.budget == "latency" and config.capacity is None and config.transform != "none":
-        from .latency import compile_for_latency
         options = dict(capture_method=capture_method, model_name=model_name, source=source, output=output)
         return compile_for_latency(model, config, example_inputs, example_kwargs, runtime, latency, options,
                                    log=progress)
@@ -186,8 +187,7 @@ def compile_config(model: nn.Module, config: CompileConfig, example_inputs: Any 
     report = current_report(unit, name, method)
     result = CompileResult(module, report, unit, config, method, timing.timings, source, chosen)
     if chosen == "native":
-        from .serialize import attach_plan
-        attach_plan(result)
+        serialize.attach_plan(result)
     return result
 
 
@@ -210,10 +210,13 @@ def _native(unit: CompilationUnit, captured) -> Tuple[Optional[nn.Module], str]:
     return build.module, ""
 
 
-def current_report(unit: CompilationUnit, model_name: str, capture_method: str) -> FlopReport:
-    """The report of a unit as it is now (after passes, or after loading new masks)."""
-    return build_report(unit, unit.baseline_layers, unit.analyses.get(FlopAnalysis), model=model_name,
-                        capture=capture_method)
+def load(path: str, model: Optional[nn.Module] = None, trust_source: bool = False) -> CompileResult:
+    """Load a compiled model written by `CompileResult.save` / ``sift-compile -o`` (a file) or by a
+    Hugging Face model's ``save_pretrained`` (a directory): see `serialize.load`.
+
+    >>> result = sift_compiler.load("model.sift.pt")        # or sift_compiler.load("checkpoint-500/")
+    """
+    return serialize.load(path, model, trust_source, compile_with=compile_config)
 
 
 def flops(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[Dict[str, Any]] = None) -> FlopReport:
@@ -233,3 +236,35 @@ def flops(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[D
     report.transform = config.transform
     report.sparsity = config.sparsity
     return report
+
+
+def compile_for_latency(model, config, example_inputs, example_kwargs,
+                        runtime: Optional[str], latency: Optional[LatencyBudget], options: Dict[str, Any],
+                        log: Optional[TextIO] = None, measured: Optional[Dict[float, Probe]] = None):
+    """`sift_compiler.compile` with ``budget="latency"`` and no capacity: search it, return the chosen model.
+
+    ``config``: the `CompileConfig` (its transform and sparsity; budget and capacity are set per
+    candidate); ``options``: the other keywords of `api.compile_config` (model_name, output...).
+    The result's ``latency`` holds the `LatencySearch`; its report notes the chosen capacity.
+    """
+    check_runtime(runtime)
+    budget = latency or LatencyBudget()
+    transform, sparsity = config.transform, config.sparsity
+
+    def compile_at(capacity: Optional[float], output: str = "graph"):  # candidates need no native model
+        settings = {**options, "output": output}
+        if capacity is None:
+            dense = dataclasses.replace(config, transform="none", sparsity=0.0, budget="flops", capacity=None)
+            return compile_config(model, dense, example_inputs, example_kwargs, **settings)
+        candidate = dataclasses.replace(config, budget="latency", capacity=capacity)
+        return compile_config(model, candidate, example_inputs, example_kwargs, **settings)
+    if not isinstance(config, CompileConfig):
+        raise TypeError(f"compile_for_latency takes a CompileConfig, not {type(config).__name__}")
+    found = search(transform, sparsity, compile_at, example_inputs, example_kwargs, runtime, budget, log, measured)
+    result = compile_at(found.capacity, options.get("output", "auto"))
+    result.latency = found
+    result.report.notes.append(
+        f"iso-latency: capacity {found.capacity:g} (iso-FLOP {found.iso_flop_capacity:.4g}) measured at "
+        f"{found.latency_ratio:.3f}x the dense latency on {runtime} (batch {budget.batch_size}, budget "
+        f"{budget.ratio:g}x), FLOPs {found.flop_ratio:.3f}x dense" + (f"; {found.note}" if found.note else ""))
+    return result

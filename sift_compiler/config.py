@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 from .errors import UserInputError
+from .registry import get_transform, transform_names
 
 BUDGETS = ("flops", "latency")
 ACTIVATIONS = ("auto", "relu", "gelu", "silu")
@@ -35,8 +36,8 @@ class CompileConfig:
     rounding can explain (`passes.verify.rounding_bound`); a number replaces that bound with
     ``|sift/dense - 1| <= flop_tolerance``.
 
-    ``transform`` is any name in the transform registry (`pipelines.transform_names`), including
-    ones registered with `pipelines.register_transform`.
+    ``transform`` is any name in the transform registry (`registry.transform_names`), including
+    ones registered with `registry.register_transform`.
     """
 
     transform: str = "none"
@@ -54,7 +55,6 @@ class CompileConfig:
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity, allow_zero=True)
-        from .pipelines import transform_names  # the registry imports the passes, which import this module
         if self.transform not in transform_names():
             raise UserInputError(f"unknown transform {self.transform!r}: choose one of {', '.join(transform_names())}")
         if self.activation not in ACTIVATIONS:
@@ -80,7 +80,6 @@ class CompileConfig:
     def iso_flop(self) -> bool:
         """Is the result meant to cost what the dense model does? (not for "none", a latency
         budget, an explicit capacity, or a transform registered as not iso-FLOP)"""
-        from .pipelines import get_transform
         return get_transform(self.transform).iso_flop and self.budget == "flops" and self.capacity is None
 
 

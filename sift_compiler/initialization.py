@@ -107,7 +107,7 @@ def nonzero_inside_mask(weight: torch.Tensor, mask: torch.Tensor) -> int:
 
 def init_policy_for(model: Optional[nn.Module]) -> InitPolicy:
     """`HuggingFaceInit` for a Hugging Face model with ``_init_weights``, else `LayerDefault`."""
-    from .capture.tracer import is_transformers_model
+    from .capture.modules import is_transformers_model
     if model is not None and is_transformers_model(model) and hasattr(model, "_init_weights") \
             and getattr(model, "config", None) is not None:
         return HuggingFaceInit(model)

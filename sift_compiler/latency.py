@@ -112,7 +112,7 @@ class LatencySearch:
 
 def capacity_rule(transform: str):
     """The transform's `pipelines.CapacityRule` (from the registry), or `UserInputError` if it has none."""
-    from .pipelines import get_transform
+    from .registry import get_transform
     rule = get_transform(transform).capacity
     if rule is None:
         raise UserInputError(f"budget='latency' needs a transform with a capacity to search, and {transform!r} has "
@@ -264,41 +264,5 @@ def _answer(transform, sparsity, runtime, budget, iso, probes, chosen: Probe, no
                          chosen.flop_ratio, list(probes), note)
 
 
-def compile_for_latency(model, config, example_inputs, example_kwargs,
-                        runtime: Optional[str], latency: Optional[LatencyBudget], options: Dict[str, Any],
-                        log: Optional[TextIO] = None, measured: Optional[Dict[float, Probe]] = None):
-    """`sift_compiler.compile` with ``budget="latency"`` and no capacity: search it, return the chosen model.
-
-    ``config``: the `CompileConfig` (its transform and sparsity; budget and capacity are set per
-    candidate); ``options``: the other keywords of `api.compile_config` (model_name, output...).
-    The result's ``latency`` holds the `LatencySearch`; its report notes the chosen capacity.
-    """
-    import dataclasses
-
-    from .api import compile_config
-    from .config import CompileConfig
-    check_runtime(runtime)
-    budget = latency or LatencyBudget()
-    transform, sparsity = config.transform, config.sparsity
-
-    def compile_at(capacity: Optional[float], output: str = "graph"):  # candidates need no native model
-        settings = {**options, "output": output}
-        if capacity is None:
-            dense = dataclasses.replace(config, transform="none", sparsity=0.0, budget="flops", capacity=None)
-            return compile_config(model, dense, example_inputs, example_kwargs, **settings)
-        candidate = dataclasses.replace(config, budget="latency", capacity=capacity)
-        return compile_config(model, candidate, example_inputs, example_kwargs, **settings)
-    if not isinstance(config, CompileConfig):
-        raise TypeError(f"compile_for_latency takes a CompileConfig, not {type(config).__name__}")
-    found = search(transform, sparsity, compile_at, example_inputs, example_kwargs, runtime, budget, log, measured)
-    result = compile_at(found.capacity, options.get("output", "auto"))
-    result.latency = found
-    result.report.notes.append(
-        f"iso-latency: capacity {found.capacity:g} (iso-FLOP {found.iso_flop_capacity:.4g}) measured at "
-        f"{found.latency_ratio:.3f}x the dense latency on {runtime} (batch {budget.batch_size}, budget "
-        f"{budget.ratio:g}x), FLOPs {found.flop_ratio:.3f}x dense" + (f"; {found.note}" if found.note else ""))
-    return result
-
-
-__all__ = ["LatencyBudget", "LatencySearch", "Probe", "search", "compile_for_latency", "iso_flop_capacity",
+__all__ = ["LatencyBudget", "LatencySearch", "Probe", "search", "iso_flop_capacity",
            "check_runtime", "RUNTIMES"]

@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Optional
 
 import torch.fx as fx
 
-from .analyses.flops import CATEGORIES, FlopCounts
+from .analyses.flops import CATEGORIES, FlopAnalysis, FlopCounts
 from .analyses.layers import LayerTable
-from .unit import LayerDecision
+from .unit import CompilationUnit, LayerDecision
 
 
 @dataclass
@@ -187,3 +187,9 @@ def _input_shape(unit):
 def _input_dtype(unit) -> str:
     first = next((x for x in unit.flat_inputs() if hasattr(x, "dtype")), None)
     return str(first.dtype).replace("torch.", "") if first is not None else ""
+
+
+def current_report(unit: CompilationUnit, model_name: str, capture_method: str) -> FlopReport:
+    """The report of a unit as it is now (after passes, or after loading new masks)."""
+    return build_report(unit, unit.baseline_layers, unit.analyses.get(FlopAnalysis), model=model_name,
+                        capture=capture_method)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -82,7 +82,7 @@ def save(result, path: str) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
     return __version__
 
 
@@ -112,8 +112,7 @@ def _rebuild_source(source: Optional[Dict[str, Any]], trust_source: bool) -> nn.
     return load_model(spec, trust_pickle=trust_source).module
 
 
-def _compile_from_plan(plan: Dict[str, Any], dense: nn.Module):
-    from .api import compile_config
+def _compile_from_plan(plan: Dict[str, Any], dense: nn.Module, compile_config: Callable[..., Any]):
     args = [_make_input(a, dense) for a in plan["inputs"]["args"]]
     kwargs = {k: _make_input(v, dense) for k, v in plan["inputs"]["kwargs"].items()}
     cfg = dict(plan["config"])
@@ -140,11 +139,12 @@ def _install_state(result, state: Dict[str, torch.Tensor], path: str, allow_tied
             raise ModelLoadError(f"{path!r} does not match the rebuilt model: missing {untied[:5]}, "
                                  f"unexpected {list(unexpected)[:5]}")
     result.unit.touch()
-    from .api import current_report
+    from .report import current_report
     result.report = current_report(result.unit, result.report.model, result.capture_method)
 
 
-def load(path: str, model: Optional[nn.Module] = None, trust_source: bool = False):
+def load(path: str, model: Optional[nn.Module] = None, trust_source: bool = False, *,
+         compile_with: Callable[..., Any]):
     """Load a compiled model: a file written by `save` (``result.save``, ``sift-compile -o``) or a
     directory written by a Hugging Face model's ``save_pretrained``. Returns a `CompileResult`
     whose ``.module`` is trainable, in the form it was saved in (native or graph).
@@ -155,18 +155,19 @@ def load(path: str, model: Optional[nn.Module] = None, trust_source: bool = Fals
     No code from the files runs: tensors are read with ``torch.load(weights_only=True)`` or
     safetensors, the plan is JSON, and the dense model is rebuilt from its named source (library
     models by name, a Hugging Face config by its class in transformers) or passed as ``model=``.
+    ``compile_with``: `api.compile_config` (what `sift_compiler.load` passes; serialize sits below the API).
     """
     if os.path.isdir(path):
-        return _load_pretrained(path, model)
+        return _load_pretrained(path, model, compile_with)
     content = read(path)
     plan = content["plan"]
     dense = model if model is not None else _rebuild_source(plan.get("source"), trust_source)
-    result = _compile_from_plan(plan, dense)
+    result = _compile_from_plan(plan, dense, compile_with)
     _install_state(result, content["state_dict"], path)
     return result
 
 
-def _load_pretrained(directory: str, model: Optional[nn.Module]):
+def _load_pretrained(directory: str, model: Optional[nn.Module], compile_with: Callable[..., Any]):
     """A Hugging Face ``save_pretrained`` directory of a compiled model (its config.json holds the plan)."""
     import json
     config_path = os.path.join(directory, "config.json")
@@ -178,7 +179,7 @@ def _load_pretrained(directory: str, model: Optional[nn.Module]):
         raise ModelLoadError(f"{config_path!r} has no sift plan: the model was not compiled by sift-compiler "
                              "(load it with transformers' from_pretrained)")
     dense = model if model is not None else _dense_from_pretrained_config(directory)
-    result = _compile_from_plan(plan, dense)
+    result = _compile_from_plan(plan, dense, compile_with)
     _install_state(result, _read_safetensors(directory), directory, allow_tied=True)
     return result
 

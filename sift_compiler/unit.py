@@ -23,6 +23,7 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
 from .analyses.manager import AnalysisManager
+from .capture.modules import on_meta_device
 from .config import CompileConfig
 
 if TYPE_CHECKING:
@@ -223,11 +224,6 @@ def _version_of(tensor: Optional[torch.Tensor]) -> int:
         return tensor._version
     except RuntimeError:  # inference tensors keep no version counter
         return -1
-
-
-def on_meta_device(module: nn.Module) -> bool:
-    """Does ``module`` hold any parameter or buffer on the meta device?"""
-    return any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
 
 
 def bind_placeholders(gm: fx.GraphModule, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Any]:

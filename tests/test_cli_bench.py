@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sift_compiler.cli.bench import main
-from sift_compiler.exporters.variants import export_variants
+from sift_compiler.variants import export_variants
 from checks import exit_status
 from test_cli_check import tiny_net  # noqa: F401  (the spec below imports it from this module)
 

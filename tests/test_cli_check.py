@@ -15,7 +15,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 
 from sift_compiler.cli.check import main
-from sift_compiler.exporters.variants import export_variants
+from sift_compiler.variants import export_variants
 from sift_compiler.exporters.weights import META_LAYERS, get_metadata
 from checks import exit_status
 

@@ -19,10 +19,16 @@ from typing import Dict, List, Optional, Set, Tuple
 import torch.fx as fx
 import torch.nn as nn
 
+from ..registry import get_transform, transform_names
 from .manager import Analysis
 from .ops import ACTIVATION_KINDS, op_kind
 
 TRANSPARENT = frozenset({"batch_norm", "identity", "dropout"})
+
+
+def _widens(transform: str) -> bool:
+    """Does ``transform`` widen layers (its registry entry says so)? An unregistered name does not."""
+    return transform in transform_names() and get_transform(transform).widens
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ class WeightLayer:
         if self.keep_pattern is not None:
             return f"matches --keep-dense {self.keep_pattern!r}"
         if self.depthwise:
-            return ("depthwise conv: widened with its group, kept dense" if transform == "wide"
+            return ("depthwise conv: widened with its group, kept dense" if _widens(transform)
                     else "depthwise conv: kept dense (paper A.1.1)")
         return None
 

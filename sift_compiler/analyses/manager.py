@@ -10,12 +10,19 @@ its stamp is recomputed.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, FrozenSet, Generic, Optional, Type, TypeVar
-
-if TYPE_CHECKING:
-    from ..unit import CompilationUnit
+from typing import Any, Dict, FrozenSet, Generic, Optional, Protocol, Type, TypeVar
 
 R = TypeVar("R")
+
+
+class CompilationUnit(Protocol):
+    """What analyses read of a `unit.CompilationUnit` (a layer above them): its graph and generation."""
+
+    module: Any
+    config: Any
+
+    @property
+    def generation(self) -> int: ...
 
 
 class Analysis(Generic[R]):

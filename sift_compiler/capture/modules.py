@@ -91,6 +91,17 @@ class ExplicitMultiheadAttention(nn.Module):
         return out, weights
 
 
+def is_transformers_model(model: nn.Module) -> bool:
+    """A Hugging Face `PreTrainedModel` (checked by name: transformers need not be installed)."""
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
+               for c in type(model).__mro__)
+
+
+def on_meta_device(module: nn.Module) -> bool:
+    """Does ``module`` hold any parameter or buffer on the meta device?"""
+    return any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
+
+
 def _merge_masks(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                  dtype: torch.dtype) -> Optional[torch.Tensor]:
     """Additive float mask broadcastable to (batch, heads, q_len, k_len), or None."""

@@ -32,8 +32,7 @@ import torch.utils._pytree as pytree
 from ..config import attach_config, config_of
 from ..errors import CaptureError, UserInputError, first_line
 from ..sparsity.layers import MaskedLayer
-from ..unit import on_meta_device
-from .modules import canonicalize_modules
+from .modules import canonicalize_modules, is_transformers_model, on_meta_device  # noqa: F401 (re-exported)
 from .normalize import annotate_provenance, modularize_functional_ops
 
 log = logging.getLogger(__name__)
@@ -70,12 +69,6 @@ class CaptureResult:
     canonicalized: Dict[str, nn.Module] = field(default_factory=dict)  # path -> library module it replaced
     kwargs: Dict[str, Any] = field(default_factory=dict)  # the keyword inputs it was captured with
     notes: List[str] = field(default_factory=list)
-
-
-def is_transformers_model(model: nn.Module) -> bool:
-    """A Hugging Face `PreTrainedModel` (checked by name: transformers need not be installed)."""
-    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
-               for c in type(model).__mro__)
 
 
 @contextlib.contextmanager

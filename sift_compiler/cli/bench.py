@@ -103,7 +103,7 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 def _collect_models(args, out_dir: str):
     from ..capture.sources import parse_dtype, parse_input_shape
     from ..exporters.bench import describe_file
-    from ..exporters.variants import export_variants
+    from ..variants import export_variants
     models = []
     for item in args.models:
         if item.lower().endswith(".onnx"):

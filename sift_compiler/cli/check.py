@@ -79,7 +79,8 @@ def _load_against(args: argparse.Namespace):
     import os
     import torch
     from ..errors import UserInputError
-    from ..serialize import load, read
+    from ..api import load
+    from ..serialize import read
     if os.path.isfile(args.against):  # a compiled model file (sift-compile -o): it knows its own transform
         if args.transform or args.sparsity is not None or args.weights:
             raise UserInputError(f"--against {args.against} is a file: a compiled model already says its weights, "

@@ -157,7 +157,7 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _write_onnx(result, source, args, written, compile_with):
     """Export (the outcome policy: exporters/outcome.py; onnxruntime is checked against torch there);
     returns the model written and the outcome."""
-    from ..exporters.outcome import export_with_compile_remedies
+    from ..exporters.remedies import export_with_compile_remedies
     mode = "skip" if args.no_deepsparse_check else args.deepsparse
     result, info, recompiled = export_with_compile_remedies(result, compile_with, source.args, args.onnx,
                                                             source.kwargs, opset=args.opset, deepsparse=mode)
@@ -177,7 +177,8 @@ def _write_onnx(result, source, args, written, compile_with):
 
 def _search_latency(args, source, config, options):
     """--budget latency: measure, print the search, return the chosen model."""
-    from ..latency import LatencyBudget, compile_for_latency
+    from ..api import compile_for_latency
+    from ..latency import LatencyBudget
     print(f"sift-compile: searching the capacity whose latency on {args.runtime} (batch {args.batch_size}) is at "
           f"most {args.latency_ratio:g}x the dense model's", file=sys.stderr, flush=True)
     budget = LatencyBudget(batch_size=args.batch_size, ratio=args.latency_ratio, rounds=args.rounds)

@@ -187,7 +187,7 @@ def _publish(staged: List[str], directory: str) -> None:
 
 
 def _export_metadata(module: nn.Module, form: str, opset: int) -> Dict[str, Any]:
-    from .. import __version__
+    from ..version import __version__
     meta: Dict[str, Any] = {"sift_compiler": __version__, "form": form, "opset": opset, "torch": torch.__version__}
     config = config_of(module)
     if config is not None:

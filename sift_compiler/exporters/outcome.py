@@ -151,7 +151,8 @@ def _first_failure(verification: Verification) -> str:
 def compile_remedies(transform: str, round_to: int) -> List[Remedy]:
     """Recompilations that may give DeepSparse a file it runs, tried after the export remedies fail."""
     remedies = []
-    if transform == "wide" and round_to % 8:
+    from ..registry import get_transform
+    if get_transform(transform).widens and round_to % 8:
         remedies.append(Remedy("round-to-8", {"round_to": 8},
                                "Sparse Wide recompiled with channels rounded to multiples of 8 (--round-to 8)"))
     return remedies
@@ -164,53 +165,3 @@ def mark_not_for_deepsparse(path: str, reason: str) -> None:
     model = onnx.load(path, load_external_data=False)  # external weights stay where they are
     set_metadata(model, META_DEEPSPARSE, {"runs": False, "reason": reason})
     onnx.save_model(model, path)
-
-
-def export_with_compile_remedies(result, compile_with: Callable[..., Any], example_inputs, path: str,
-                                 example_kwargs=None, **export_options):
-    """`export_onnx`, then the remedies that recompile the model when DeepSparse still cannot run the file.
-
-    ``compile_with(**changes)`` recompiles the model with changed compile options (e.g.
-    ``round_to=8``). Returns (the compile result written, its `ExportInfo`, a note saying which
-    recompilation was kept, or ""). A recompiled model is written only if DeepSparse verifies it.
-    """
-    import os
-    import shutil
-    import tempfile
-    from ..errors import VerificationFailed
-    from .onnx import export_onnx
-    mode = export_options.get("deepsparse", "auto")
-    try:
-        info = export_onnx(result.module, example_inputs, path, example_kwargs, **export_options)
-    except VerificationFailed as e:
-        if mode != "require" or deepsparse_failure(getattr(e, "verification", None)) is None:
-            raise
-        info, failure = None, e
-    if info is not None and info.outcome != "not-for-deepsparse":
-        return result, info, ""
-    config = result.config
-    for remedy in compile_remedies(config.transform, config.round_to):
-        candidate = compile_with(**remedy.changes)
-        stage = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
-        try:
-            staged = os.path.join(stage, os.path.basename(path))
-            try:
-                trial = export_onnx(candidate.module, example_inputs, staged, example_kwargs,
-                                    **{**export_options, "deepsparse": "require"})
-            except VerificationFailed:
-                continue
-            for name in sorted(os.listdir(stage), key=lambda n: n == os.path.basename(path)):  # model file last
-                os.replace(os.path.join(stage, name), os.path.join(os.path.dirname(os.path.abspath(path)), name))
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-        trial.path = path
-        if trial.data_path:
-            trial.data_path = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(trial.data_path))
-        trial.outcome = "remedied"
-        trial.notes.insert(0, f"{remedy.note}: DeepSparse failed on the model as compiled "
-                              f"({info.deepsparse_reason if info is not None else failure})")
-        return candidate, trial, remedy.note
-    if info is None:
-        raise failure
-    return result, info, ""
-

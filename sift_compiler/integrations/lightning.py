@@ -26,7 +26,8 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from ..errors import UserInputError
-from ..sparsity.engine import ENGINE_METHODS, MaskEngine, make_engine
+from ..sparsity.engine import MaskEngine
+from ..sparsity.engines import ENGINE_METHODS, make_engine
 
 try:
     from lightning.pytorch import Callback

@@ -33,7 +33,8 @@ import torch
 
 from ..errors import UserInputError
 from ..io import atomic_path
-from ..sparsity.engine import ENGINE_METHODS, MaskEngine, make_engine
+from ..sparsity.engine import MaskEngine
+from ..sparsity.engines import ENGINE_METHODS, make_engine
 
 try:
     from transformers import TrainerCallback

@@ -81,6 +81,7 @@ class SparseWidePass(Pass):
     """Widen every coupled channel group by k and mask the widened layers (module docstring)."""
 
     name = "sparse-wide"
+    widens = True  # channel counts change, so round_to applies (TransformSpec.widens)
 
     def __init__(self, sparsity: float, round_to: int = 1, defer_init: bool = False,
                  factor: Optional[float] = None, options: Optional[RewriteOptions] = None) -> None:

@@ -6,7 +6,8 @@
 >>> ...; optimizer.step(); masks.step(); optimizer.zero_grad()
 """
 from .init import exact_count, init_masks, random_mask
-from .engine import ENGINE_METHODS, MaskEngine, make_engine
+from .engine import MaskEngine
+from .engines import ENGINE_METHODS, make_engine
 from .evolution import SET
 from .layers import (MaskedConv1d, MaskedConv2d, MaskedConv3d, MaskedLayer, MaskedLinear, iter_masked, masked_copy,
                      masks, new_layer, plain_copy)
