@@ -14,8 +14,9 @@ one; `pipelines` holds the built-in factories and turns them into a `PassManager
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 from .errors import UserInputError
 
@@ -123,6 +124,18 @@ def unregister_transform(name: str) -> None:
 def unregister_pipeline(name: str) -> None:
     """Remove pipeline ``name`` (what a test that registered one does when it is done)."""
     _PIPELINES.pop(name, None)
+
+
+@contextlib.contextmanager
+def temporary_transform(name: str, pipeline: Union[str, PipelineFactory], main_pass: Optional[type] = None,
+                        summary: str = "", iso_flop: bool = True,
+                        capacity: Optional[CapacityRule] = None) -> Iterator[TransformSpec]:
+    """`register_transform` for the length of a ``with`` block (tests, notebooks): removed on the way out."""
+    spec = register_transform(name, pipeline, main_pass, summary, iso_flop, capacity)
+    try:
+        yield spec
+    finally:
+        unregister_transform(name)
 
 
 def transform_names() -> List[str]:

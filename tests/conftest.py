@@ -27,3 +27,12 @@ try:
     _LIBC = ctypes.CDLL("libc.so.6")
 except OSError:  # not glibc
     _LIBC = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _registry_left_as_found():
+    """Tests that register transforms or pipelines remove them (`registry.temporary_transform`)."""
+    from sift_compiler.registry import pipeline_names, transform_names
+    before = (transform_names(), pipeline_names())
+    yield
+    assert (transform_names(), pipeline_names()) == before, "a test left a registration in the global registry"

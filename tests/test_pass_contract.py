@@ -14,8 +14,8 @@ from sift_compiler.errors import PassError, PostconditionError, UserInputError, 
 from sift_compiler.passes import PassManager
 from sift_compiler.passes.base import Pass, PassResult
 from sift_compiler.passes.sparse_parallel import SparseParallelPass
-from sift_compiler.pipelines import finish_passes, pipeline_names, register_pipeline, register_transform, \
-    transform_names
+from sift_compiler.pipelines import finish_passes
+from sift_compiler.registry import temporary_transform
 from sift_compiler.sparsity.layers import iter_masked
 from sift_compiler.unit import CompilationUnit
 
@@ -169,8 +169,20 @@ def test_a_mask_engine_update_bumps_the_generation():
 
 
 def test_reading_the_generation_without_edits_keeps_it():
+    """Forwards and mask reads are not edits: the generation and the cached analyses stay; one real
+    mask edit then moves it by one (so a generation that never moved would fail here)."""
     unit = compiled_unit()
-    assert unit.generation == unit.generation
+    first, flops = unit.generation, unit.analyses.get(FlopAnalysis)
+    computed = dict(unit.analyses.computed)
+    with torch.no_grad():
+        unit.module(example())
+        masks = [m.weight_mask.sum() for _, m in iter_masked(unit.module)]
+    assert masks and unit.generation == first and unit.generation == first
+    assert unit.analyses.get(FlopAnalysis) is flops and unit.analyses.computed == computed
+    with torch.no_grad():
+        mask = first_masked(unit).weight_mask
+        mask.view(-1)[0] = ~mask.view(-1)[0]
+    assert unit.generation == first + 1 and unit.analyses.get(FlopAnalysis) is not flops
 
 
 # ------------------------------------------------------------------ errors name their pass
@@ -229,14 +241,11 @@ class DropsOneMaskEntry(Pass):
 
 
 DROPPED = "test-dropped-mask-entry"
-if DROPPED not in pipeline_names():
-    @register_pipeline(DROPPED)
-    def _dropped_pipeline(config):
-        compensate, init_masks, verify = finish_passes(config)
-        return [SparseParallelPass(config.sparsity, defer_init=True), compensate, init_masks, DropsOneMaskEntry(),
-                verify]
-if DROPPED not in transform_names():
-    register_transform(DROPPED, DROPPED, SparseParallelPass, "parallel, one mask entry dropped (tests)")
+
+
+def _dropped_pipeline(config):
+    compensate, init_masks, verify = finish_passes(config)
+    return [SparseParallelPass(config.sparsity, defer_init=True), compensate, init_masks, DropsOneMaskEntry(), verify]
 
 
 def _names_pass_layer_and_line(message: str, pass_name: str, layer: str) -> None:
@@ -327,14 +336,19 @@ class OverspendOneLayer(Pass):
 
 
 OVERSPENT = "test-overspent"
-if OVERSPENT not in pipeline_names():
-    @register_pipeline(OVERSPENT)
-    def _overspent_pipeline(config):
-        compensate, init_masks, verify = finish_passes(config)
-        return [SparseParallelPass(config.sparsity, defer_init=True), compensate, OverspendOneLayer(), init_masks,
-                verify]
-if OVERSPENT not in transform_names():
-    register_transform(OVERSPENT, OVERSPENT, SparseParallelPass, "parallel, one layer overspent (tests)")
+
+
+def _overspent_pipeline(config):
+    compensate, init_masks, verify = finish_passes(config)
+    return [SparseParallelPass(config.sparsity, defer_init=True), compensate, OverspendOneLayer(), init_masks, verify]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _test_transforms():
+    """The two broken pipelines above as transforms, for this module's tests only."""
+    with temporary_transform(DROPPED, _dropped_pipeline, SparseParallelPass, "parallel, one mask entry dropped"), \
+            temporary_transform(OVERSPENT, _overspent_pipeline, SparseParallelPass, "parallel, one layer overspent"):
+        yield
 
 
 def test_an_iso_flop_miss_beyond_rounding_is_a_postcondition_error():

@@ -15,8 +15,9 @@ from sift_compiler.config import CompileConfig, config_of
 from sift_compiler.errors import UserInputError
 from sift_compiler.passes.base import Pass, PassResult
 from sift_compiler.passes.sparse_parallel import SparseBranch, SparseParallelPass
-from sift_compiler.pipelines import (RewriteOptions, finish_passes, get_transform, pipeline_names, register_pipeline,
-                                     register_transform, transform_names)
+from sift_compiler.pipelines import RewriteOptions, finish_passes, get_transform, register_pipeline, register_transform
+from sift_compiler.registry import (pipeline_names, temporary_transform, transform_names, unregister_pipeline,
+                                    unregister_transform)
 
 MINE = "mine-two-branches"
 pytestmark = pytest.mark.filterwarnings("ignore::sift_compiler.errors.SiftWarning")  # s' != s: by design
@@ -32,15 +33,25 @@ class MarkerPass(Pass):
         return PassResult(False)
 
 
-if MINE not in pipeline_names():
-    @register_pipeline(MINE)
-    def _mine_pipeline(config):
-        options = RewriteOptions.of(config)
-        return [MarkerPass(), SparseParallelPass(options.sparsity, defer_init=True, capacity=2.0),
-                *finish_passes(config)]
-if MINE not in transform_names():
-    register_transform(MINE, MINE, SparseParallelPass, "two sparse branches, always (a user's transform)",
-                       iso_flop=False)
+def _mine_pipeline(config):
+    options = RewriteOptions.of(config)
+    return [MarkerPass(), SparseParallelPass(options.sparsity, defer_init=True, capacity=2.0), *finish_passes(config)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _users_transforms():
+    """A user's pipeline registered by name and two transforms, for this module only: removed after."""
+    assert MINE not in pipeline_names() and MINE not in transform_names()
+    register_pipeline(MINE)(_mine_pipeline)
+    try:
+        with temporary_transform(MINE, MINE, SparseParallelPass, "two sparse branches, always (a user's transform)",
+                                 iso_flop=False), \
+                temporary_transform(RENAMED, _renamed_pipeline, RenamedParallelPass,
+                                    "parallel under another name (tests)"):
+            yield
+    finally:
+        unregister_pipeline(MINE)
+    assert MINE not in pipeline_names() and MINE not in transform_names() and RENAMED not in transform_names()
 
 
 def mlp() -> nn.Module:
@@ -79,6 +90,11 @@ def test_an_unknown_transform_lists_the_registered_ones():
         register_transform(MINE, MINE)
     with pytest.raises(UserInputError, match="unknown pipeline"):
         register_transform("mine-without-pipeline", "no-such-pipeline")
+    assert "mine-without-pipeline" not in transform_names()
+    with temporary_transform("mine-for-a-moment", _mine_pipeline):
+        assert "mine-for-a-moment" in transform_names()
+    assert "mine-for-a-moment" not in transform_names()
+    unregister_transform("never-registered")  # removing what is not there is not an error
 
 
 def test_compile_takes_a_compile_config():
@@ -138,13 +154,11 @@ class RenamedParallelPass(SparseParallelPass):
 
 
 RENAMED = "renamed-parallel"
-if RENAMED not in pipeline_names():
-    @register_pipeline(RENAMED)
-    def _renamed_pipeline(config):
-        options = RewriteOptions.of(config)
-        return [RenamedParallelPass(options.sparsity, defer_init=True, options=options), *finish_passes(config)]
-if RENAMED not in transform_names():
-    register_transform(RENAMED, RENAMED, RenamedParallelPass, "parallel under another name (tests)")
+
+
+def _renamed_pipeline(config):
+    options = RewriteOptions.of(config)
+    return [RenamedParallelPass(options.sparsity, defer_init=True, options=options), *finish_passes(config)]
 
 
 def test_a_renamed_parallel_transform_keeps_its_export_forms():
