@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .experts import experts_refusal, is_fused_experts, to_routed_experts
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ def _mha_is_convertible(mha: nn.MultiheadAttention) -> bool:
     return mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn
 
 
-def canonicalize_modules(model: nn.Module) -> Dict[str, nn.Module]:
+def canonicalize_modules(model: nn.Module, refusals: Optional[List[str]] = None) -> Dict[str, nn.Module]:
     """Rewrite, in place, the library modules that hide matmuls.
 
     Returns ``{path: original module}`` for every path rewritten (a module shared by several
@@ -146,6 +148,13 @@ def canonicalize_modules(model: nn.Module) -> Dict[str, nn.Module]:
                 pass
             elif _is_hf_conv1d(child):
                 replacement = _conv1d_to_linear(child)
+            elif is_fused_experts(child):
+                path = f"{parent_name}.{child_name}".lstrip(".")
+                refusal = experts_refusal(child, path)
+                if refusal is None:
+                    replacement = to_routed_experts(child)
+                elif refusals is not None:
+                    refusals.append(refusal)
             elif isinstance(child, nn.MultiheadAttention):
                 if _mha_is_convertible(child):
                     replacement = ExplicitMultiheadAttention.from_torch(child)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import re
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -33,6 +34,7 @@ from ..config import attach_config, config_of
 from ..errors import CaptureError, UserInputError, first_line
 from ..sparsity.layers import MaskedLayer
 from ..unit import on_meta_device
+from .experts import annotate_routing
 from .modules import canonicalize_modules
 from .normalize import annotate_provenance, modularize_functional_ops
 
@@ -166,7 +168,25 @@ def _export_capture(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, A
     # A plain GraphModule: exported modules refuse train()/eval().
     gm = fx.GraphModule(exported, exported.graph, type(model).__name__)
     gm.train(was_training)
+    _unslice_module_paths(gm)
     return gm
+
+
+_SLICED = re.compile(r"\.slice\((None|\d+), (None|-?\d+), (None|\d+)\)\.(\d+)(?=\.|$)")
+
+
+def _unslice_module_paths(gm: fx.GraphModule) -> None:
+    """torch.export names a module reached through a sliced ModuleList (``self.layers[:n]``, Mixtral,
+    Qwen3-MoE) ``layers.slice(None, 2, None).0``; the model's own path is ``layers.0``."""
+    def unslice(path: str) -> str:
+        def index(match) -> str:
+            start, step = int(match[1] if match[1] != "None" else 0), int(match[3] if match[3] != "None" else 1)
+            return f".{start + step * int(match[4])}"
+        return _SLICED.sub(index, path)
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {key: (unslice(path), cls) for key, (path, cls) in stack.items()}
 
 
 def _positional_names(model: nn.Module, count: int):
@@ -210,6 +230,7 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
             gm, used, fx_error = _trace(model, args, kwargs, method)
         modularize_functional_ops(gm, model)
         annotate_provenance(gm, model)
+        annotate_routing(gm, model)
         gm.train(original.training)  # modules made from baked train/eval flags follow the model's mode
         if verify:
             check_capture(gm, args, kwargs, reference, type(original).__name__)
