@@ -49,7 +49,7 @@ class ExpertMLP(nn.Module):
 
 def _tracing() -> bool:
     return bool(torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or torch.fx._symbolic_trace.is_fx_tracing())
+                or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
 
 
 class RoutedExperts(nn.Module):
