@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["ExpertMLP", "RoutedExperts", "experts_refusal", "annotate_routing", "is_fused_experts",
-           "to_routed_experts", "ROUTED"]
+           "to_routed_experts", "EXPERTS_KEPT_FUSED", "ROUTED"]
 
 
 class ExpertMLP(nn.Module):
@@ -169,6 +169,8 @@ def to_routed_experts(module: nn.Module) -> RoutedExperts:
 
 
 
+# the note capture writes for fused experts it cannot rewrite (`shortfall` reports it)
+EXPERTS_KEPT_FUSED = "mixture-of-experts experts kept fused (not weight layers: dense, uncounted by the transform)"
 ROUTED = "sift.routed"  # node meta: the share of tokens the node computes on (`active_fraction`)
 
 

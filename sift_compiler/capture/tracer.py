@@ -34,7 +34,7 @@ from ..config import attach_config, config_of
 from ..errors import CaptureError, UserInputError, first_line
 from ..sparsity.layers import MaskedLayer
 from ..unit import on_meta_device
-from .experts import annotate_routing
+from .experts import EXPERTS_KEPT_FUSED, annotate_routing
 from .modules import canonicalize_modules
 from .normalize import annotate_provenance, modularize_functional_ops
 
@@ -224,7 +224,8 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
     original = model
     model = copy.deepcopy(model) if copy_model else model
     flags = [] if copy_model else [(m, m.training) for m in model.modules()]  # the graph shares them
-    canonicalized = canonicalize_modules(model)
+    refusals: List[str] = []
+    canonicalized = canonicalize_modules(model, refusals)
     try:
         with _kv_cache_off(model) as note:
             gm, used, fx_error = _trace(model, args, kwargs, method)
@@ -240,7 +241,7 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
                 model.set_submodule(path, module)
             for module, flag in flags:
                 module.training = flag
-    notes = [note] if note else []
+    notes = ([note] if note else []) + [f"{EXPERTS_KEPT_FUSED}: {why}" for why in refusals]
     if meta:
         notes.append("meta device: the captured graph was not checked against the model's outputs (no values)")
     return CaptureResult(gm, used, fx_error, model if copy_model else None, canonicalized if copy_model else {},
