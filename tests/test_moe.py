@@ -9,7 +9,7 @@ recompute decodes, and each expert keeps its exact count through RigL.
 
 `make test` runs each transform once (alternating the model and s = 0.5 / 0.9) and exports one
 to ONNX; ``SIFT_MOE_FULL=1`` runs every transform at 0.5 and 0.9 on both models and exports each
-(``make moe-matrix``).
+(`benchmarks/moe_matrix.py` prints the per-token table).
 """
 from __future__ import annotations
 
