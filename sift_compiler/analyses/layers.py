@@ -42,7 +42,6 @@ class WeightLayer:
     keep_pattern: Optional[str] = None
     router: bool = False
 
-
     @property
     def shared(self) -> bool:
         return len(self.nodes) > 1

@@ -1,6 +1,6 @@
 """Module-level canonicalisation, done on a copy of the user's model before tracing.
 
-Two library modules hide dense matmuls from a graph capture, so they are rewritten into plain
+Library modules hide dense matmuls from a graph capture, so they are rewritten into plain
 `nn.Linear` layers that compute exactly the same function:
 
 1. ``transformers.pytorch_utils.Conv1D(nf, nx)`` (GPT-2's projections): ``x @ W + b`` with W of
@@ -8,6 +8,9 @@ Two library modules hide dense matmuls from a graph capture, so they are rewritt
 2. ``nn.MultiheadAttention`` (torchvision's ViT): one packed ``in_proj_weight`` and a fused
    kernel -> `ExplicitMultiheadAttention` with ``q_proj``/``k_proj``/``v_proj``/``out_proj``
    Linears and ``scaled_dot_product_attention``.
+3. transformers 5.x fused mixture-of-experts experts (``gate_up_proj`` [E, 2I, H], ``down_proj``
+   [E, H, I]) -> `experts.RoutedExperts`, one gated MLP of Linears per expert; layouts it cannot
+   rewrite stay fused and are reported (``refusals``).
 """
 from __future__ import annotations
 
@@ -137,7 +140,9 @@ def canonicalize_modules(model: nn.Module, refusals: Optional[List[str]] = None)
 
     Returns ``{path: original module}`` for every path rewritten (a module shared by several
     paths stays shared and is listed under each), so that the native model can put back the
-    library modules that no transform replaced (`native.restore_library_modules`).
+    library modules that no transform replaced (`native.restore_library_modules`). Fused MoE
+    experts in a layout `experts.RoutedExperts` cannot hold stay as they are; why (module, source
+    line) is appended to ``refusals``.
     """
     replaced = {}  # id(old module) -> new module, so a shared module stays shared
     originals: Dict[str, nn.Module] = {}
