@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from . import serialize
 from .analyses.flops import FlopAnalysis
+from .capture.experts import EXPERTS_KEPT_FUSED
 from .capture.tracer import capture
 from .config import CompileConfig, attach_config, config_of
 from .errors import UserInputError
@@ -157,7 +158,7 @@ def compile_config(model: nn.Module, config: CompileConfig, example_inputs: Any 
     captured = capture(model, args, kwargs, method=capture_method)
     kwargs = captured.kwargs
     unit = CompilationUnit(captured.module, args, kwargs, config, record_baseline=True)
-    unit.notes.extend(n for n in captured.notes if n.startswith("meta device"))
+    unit.notes.extend(n for n in captured.notes if n.startswith(("meta device", EXPERTS_KEPT_FUSED)))
     unit.init_policy = init_policy_for(captured.model)
     instruments = [timing] + ([ProgressInstrument(progress)] if progress is not None else [])
     pipeline = pipeline_for(config, instruments, steps)

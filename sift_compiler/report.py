@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 import torch.fx as fx
 
 from .analyses.flops import CATEGORIES, FlopAnalysis, FlopCounts
+from .capture.experts import parameter_counts
 from .analyses.layers import LayerTable
 from .unit import CompilationUnit, LayerDecision
 
@@ -52,6 +53,9 @@ class FlopReport:
     uncounted_ops: List[str] = field(default_factory=list)
     budget: str = "flops"             # "latency": sized by measured latency, not iso-FLOP (sift_compiler.latency)
     capacity: Optional[float] = None  # the transform's size when set instead of the iso-FLOP formula
+    # {"dense"|"sift": {"total", "active", "nonzero", "active_nonzero"}}: floating-point parameters;
+    # active = what one token uses (top_k of num_experts experts in a mixture of experts)
+    parameters: Dict[str, Dict[str, int]] = field(default_factory=dict)
 
     @property
     def flop_ratio(self) -> float:
@@ -114,6 +118,7 @@ class FlopReport:
             rows.append(f"{'per token (all ops)':<22}{_fmt(self.total_dense_flops / tokens):>14}"
                         f"{_fmt(self.total_sift_flops / tokens):>14}"
                         f"{_ratio(self.total_sift_flops, self.total_dense_flops):>9}")
+        rows += self._parameter_rows()
         if self.budget == "latency":
             rows.append(f"FLOP ratio (weight layers, sift/dense; budget latency, not iso-FLOP): {self.flop_ratio:.4f}")
         else:
@@ -122,6 +127,17 @@ class FlopReport:
         if self.uncounted_ops:
             rows.append(f"note: ops not counted (no FLOP rule): {', '.join(self.uncounted_ops)}")
         return "\n".join(rows)
+
+
+    def _parameter_rows(self) -> List[str]:
+        if not self.parameters:
+            return []
+        rows = [f"{'parameters':<22}{'dense':>14}{'sift':>14}{'non-zero':>11}"]
+        for key, label in (("total", "total"), ("active", "active per token")):
+            dense, sift = self.parameters["dense"], self.parameters["sift"]
+            nonzero = sift["nonzero" if key == "total" else "active_nonzero"]
+            rows.append(f"{label:<22}{_fmt(dense[key]):>14}{_fmt(sift[key]):>14}{_fmt(nonzero):>11}")
+        return rows
 
 
 def _fmt(flops: float) -> str:
@@ -176,7 +192,14 @@ def build_report(unit, baseline_layers: LayerTable, final: FlopCounts, model: st
         categories={"dense": baseline.by_category(), "sift": final.by_category()}, layers=layers,
         input_shape=list(_input_shape(unit)), input_dtype=_input_dtype(unit), model=model, capture=capture,
         notes=list(unit.notes), uncounted_ops=list(final.uncounted), budget=unit.config.budget,
-        capacity=unit.config.capacity)
+        capacity=unit.config.capacity, parameters=_parameters(unit))
+
+
+def _parameters(unit) -> Dict[str, Dict[str, int]]:
+    dense = unit.dense_baseline.parameters if unit.dense_baseline is not None else None
+    if dense is None:
+        return {}
+    return {"dense": asdict(dense), "sift": asdict(parameter_counts(unit.module))}
 
 
 def _input_shape(unit):

@@ -5,9 +5,11 @@ A transform is not applied as asked when:
 1. Sparse Wide kept layers at width for a reason other than the model's interface, ``--attention-width
    keep`` or head counts (an op without a coupling rule, a partial slice, a size the axis algebra
    cannot follow): the model is less wide than asked;
-2. weight FLOPs sit in ops no transform rewrites (ConvTranspose, an einsum or matmul with a parameter,
+2. the experts of a mixture-of-experts block stay fused (a layout `capture.experts` cannot
+   rewrite, named with its module and source line): they stay dense;
+3. weight FLOPs sit in ops no transform rewrites (ConvTranspose, an einsum or matmul with a parameter,
    a functional linear): those stay dense;
-3. the compensated sparsity s' is far from s: the sparse layers' density (1 - s') / (1 - s) is
+4. the compensated sparsity s' is far from s: the sparse layers' density (1 - s') / (1 - s) is
    outside [0.5, 1.5] (much denser: the model is barely transformed; much sparser: the layers that
    stay dense eat the FLOP budget), or no layer could be transformed at all.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import warnings
 from typing import List
 
+from .capture.experts import EXPERTS_KEPT_FUSED
 from .errors import ShortfallError, SiftWarning
 
 DENSITY_RANGE = (0.5, 1.5)
@@ -36,6 +39,7 @@ def shortfalls(unit) -> List[str]:
         path, why = kept[0]
         found.append(f"{len(kept)} layer{'s' if len(kept) > 1 else ''} kept at width on some side, first "
                      f"'{path}' {why}")
+    found += [note for note in unit.notes if note.startswith(EXPERTS_KEPT_FUSED)]
     found += _unrewritten(unit)
     if unit.effective_sparsity is None:
         found.append("no layer could be transformed (every weight layer stays dense)")

@@ -112,6 +112,7 @@ class Baseline:
     flops: "FlopCounts"      # the iso-FLOP target (``weight_dense``)
     layers: "LayerTable"     # the dense weight layers (the report's rows)
     outputs: Any             # output TensorSpecs (VerifyPass: the rewrite keeps shapes and dtypes)
+    parameters: Any = None   # `capture.experts.ParameterCounts`: total and per-token active
 
 
 class CompilationUnit:
@@ -147,8 +148,10 @@ class CompilationUnit:
         from .analyses.flops import FlopAnalysis
         from .analyses.layers import LayerAnalysis
         from .analyses.shapes import ShapeAnalysis
+        from .capture.experts import parameter_counts
         self.dense_baseline = Baseline(self.analyses.get(FlopAnalysis), self.analyses.get(LayerAnalysis),
-                                       self.analyses.get(ShapeAnalysis).outputs(self.module))
+                                       self.analyses.get(ShapeAnalysis).outputs(self.module),
+                                       parameter_counts(self.module))
         return self.dense_baseline
 
     @property

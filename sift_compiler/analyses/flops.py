@@ -2,7 +2,9 @@
 
 Each node is costed by the FLOP rule of its row in the op table (`ops`; the conventions are in
 `flop_rules` and docs/architecture.md). A node whose op has no rule costs 0 and is listed in
-``uncounted``: never silently skipped.
+``uncounted``: never silently skipped. A node inside a mixture-of-experts' experts costs
+``top_k / num_experts`` of that (``node.meta["sift.routed"]``, `capture.experts`): the graph runs
+every expert on every token, a token visits top_k of them, so FLOPs are counted per token.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..capture.experts import ROUTED
 from .flop_rules import Cost, mask_nnz
 from .manager import Analysis
 from .ops import lookup, op_name
@@ -79,9 +82,11 @@ def count_flops(gm: fx.GraphModule, shapes: ShapeMap, batch: int) -> FlopCounts:
         else:
             cost = spec.flops(gm, node, shapes)
         effective = cost.dense if cost.effective is None else cost.effective
+        routed = node.meta.get(ROUTED, 1.0)  # an expert's layers see top_k / num_experts of the tokens
+        effective, dense = effective * routed, cost.dense * routed
         target = str(node.target) if node.op == "call_module" else op_name(node)
         nodes[node.name] = NodeFlops(node.name, target, spec.kind if spec else op_name(node), cost.category,
-                                     cost.dense / batch, effective / batch, cost.numel, cost.nnz)
+                                     dense / batch, effective / batch, cost.numel, cost.nnz)
     return FlopCounts(nodes, batch, tuple(sorted(set(uncounted))))
 
 

@@ -46,6 +46,7 @@ class WeightLayer:
     grouped: bool = False
     shortcut: bool = False
     keep_pattern: Optional[str] = None
+    router: bool = False
 
     @property
     def shared(self) -> bool:
@@ -59,6 +60,9 @@ class WeightLayer:
             return f"{self.kind}: not supported by Sparse-IFT transforms"
         if transform == "none":
             return "dense baseline"
+        if self.router:
+            return ("router of a mixture of experts: its outputs choose each token's experts (top-k), "
+                    "so it stays dense and keeps the expert count")
         if self.first:
             return "first weight layer in the data flow (stem/embedding side)"
         if self.last:
@@ -160,8 +164,25 @@ def _activation(gm: fx.GraphModule) -> str:
     return "gelu" if has_layer_norm else "relu"
 
 
+def _routers(gm: fx.GraphModule, weights: Set[fx.Node], depth: int = 8) -> Set[fx.Node]:
+    """Weight layers whose output reaches a top-k within ``depth`` ops with no weight layer
+    between: the routers of mixture-of-experts blocks (logits -> softmax/sigmoid -> top-k)."""
+    found: Set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if op_kind(gm, node) != "topk":
+            continue
+        frontier, seen = [node], set()
+        for _ in range(depth):
+            frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+            seen.update(frontier)
+            found.update(a for a in frontier if a in weights)
+            frontier = [a for a in frontier if a not in weights]
+    return found
+
+
 def analyze_layers(gm: fx.GraphModule, keep_dense: Tuple[str, ...] = ()) -> LayerTable:
     nodes = weight_nodes(gm)
+    routers = _routers(gm, set(nodes))
     upstream, downstream = _flow_flags(gm, set(nodes))
     by_target: Dict[str, List[fx.Node]] = {}
     for node in nodes:
@@ -180,7 +201,7 @@ def analyze_layers(gm: fx.GraphModule, keep_dense: Tuple[str, ...] = ()) -> Laye
             first=any(n not in upstream for n in calls), last=any(n not in downstream for n in calls),
             depthwise=depthwise, grouped=kind == "conv" and groups > 1 and not depthwise,
             shortcut=any(_is_shortcut(gm, n) for n in calls) and kind in ("conv", "linear"),
-            keep_pattern=pattern)
+            keep_pattern=pattern, router=any(n in routers for n in calls))
     return LayerTable(layers, _activation(gm))
 
 

@@ -1,6 +1,6 @@
 """Module-level canonicalisation, done on a copy of the user's model before tracing.
 
-Two library modules hide dense matmuls from a graph capture, so they are rewritten into plain
+Library modules hide dense matmuls from a graph capture, so they are rewritten into plain
 `nn.Linear` layers that compute exactly the same function:
 
 1. ``transformers.pytorch_utils.Conv1D(nf, nx)`` (GPT-2's projections): ``x @ W + b`` with W of
@@ -8,16 +8,21 @@ Two library modules hide dense matmuls from a graph capture, so they are rewritt
 2. ``nn.MultiheadAttention`` (torchvision's ViT): one packed ``in_proj_weight`` and a fused
    kernel -> `ExplicitMultiheadAttention` with ``q_proj``/``k_proj``/``v_proj``/``out_proj``
    Linears and ``scaled_dot_product_attention``.
+3. transformers 5.x fused mixture-of-experts experts (``gate_up_proj`` [E, 2I, H], ``down_proj``
+   [E, H, I]) -> `experts.RoutedExperts`, one gated MLP of Linears per expert; layouts it cannot
+   rewrite stay fused and are reported (``refusals``).
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .experts import experts_refusal, is_fused_experts, to_routed_experts
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +146,14 @@ def _mha_is_convertible(mha: nn.MultiheadAttention) -> bool:
     return mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn
 
 
-def canonicalize_modules(model: nn.Module) -> Dict[str, nn.Module]:
+def canonicalize_modules(model: nn.Module, refusals: Optional[List[str]] = None) -> Dict[str, nn.Module]:
     """Rewrite, in place, the library modules that hide matmuls.
 
     Returns ``{path: original module}`` for every path rewritten (a module shared by several
     paths stays shared and is listed under each), so that the native model can put back the
-    library modules that no transform replaced (`native.restore_library_modules`).
+    library modules that no transform replaced (`native.restore_library_modules`). Fused MoE
+    experts in a layout `experts.RoutedExperts` cannot hold stay as they are; why (module, source
+    line) is appended to ``refusals``.
     """
     replaced = {}  # id(old module) -> new module, so a shared module stays shared
     originals: Dict[str, nn.Module] = {}
@@ -157,6 +164,13 @@ def canonicalize_modules(model: nn.Module) -> Dict[str, nn.Module]:
                 pass
             elif _is_hf_conv1d(child):
                 replacement = _conv1d_to_linear(child)
+            elif is_fused_experts(child):
+                path = f"{parent_name}.{child_name}".lstrip(".")
+                refusal = experts_refusal(child, path)
+                if refusal is None:
+                    replacement = to_routed_experts(child)
+                elif refusals is not None:
+                    refusals.append(refusal)
             elif isinstance(child, nn.MultiheadAttention):
                 if _mha_is_convertible(child):
                     replacement = ExplicitMultiheadAttention.from_torch(child)

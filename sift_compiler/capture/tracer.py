@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import re
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -32,6 +33,7 @@ import torch.utils._pytree as pytree
 from ..config import attach_config, config_of
 from ..errors import CaptureError, UserInputError, first_line
 from ..sparsity.layers import MaskedLayer
+from .experts import EXPERTS_KEPT_FUSED, annotate_routing
 from .modules import canonicalize_modules, is_transformers_model, on_meta_device  # noqa: F401 (re-exported)
 from .normalize import annotate_provenance, modularize_functional_ops
 
@@ -159,7 +161,25 @@ def _export_capture(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, A
     # A plain GraphModule: exported modules refuse train()/eval().
     gm = fx.GraphModule(exported, exported.graph, type(model).__name__)
     gm.train(was_training)
+    _unslice_module_paths(gm)
     return gm
+
+
+_SLICED = re.compile(r"\.slice\((None|\d+), (None|-?\d+), (None|\d+)\)\.(\d+)(?=\.|$)")
+
+
+def _unslice_module_paths(gm: fx.GraphModule) -> None:
+    """torch.export names a module reached through a sliced ModuleList (``self.layers[:n]``, Mixtral,
+    Qwen3-MoE) ``layers.slice(None, 2, None).0``; the model's own path is ``layers.0``."""
+    def unslice(path: str) -> str:
+        def index(match) -> str:
+            start, step = int(match[1] if match[1] != "None" else 0), int(match[3] if match[3] != "None" else 1)
+            return f".{start + step * int(match[4])}"
+        return _SLICED.sub(index, path)
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {key: (unslice(path), cls) for key, (path, cls) in stack.items()}
 
 
 def _positional_names(model: nn.Module, count: int):
@@ -197,12 +217,14 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
     original = model
     model = copy.deepcopy(model) if copy_model else model
     flags = [] if copy_model else [(m, m.training) for m in model.modules()]  # the graph shares them
-    canonicalized = canonicalize_modules(model)
+    refusals: List[str] = []
+    canonicalized = canonicalize_modules(model, refusals)
     try:
         with _kv_cache_off(model) as note:
             gm, used, fx_error = _trace(model, args, kwargs, method)
         modularize_functional_ops(gm, model)
         annotate_provenance(gm, model)
+        annotate_routing(gm, model)
         gm.train(original.training)  # modules made from baked train/eval flags follow the model's mode
         if verify:
             check_capture(gm, args, kwargs, reference, type(original).__name__)
@@ -212,7 +234,7 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
                 model.set_submodule(path, module)
             for module, flag in flags:
                 module.training = flag
-    notes = [note] if note else []
+    notes = ([note] if note else []) + [f"{EXPERTS_KEPT_FUSED}: {why}" for why in refusals]
     if meta:
         notes.append("meta device: the captured graph was not checked against the model's outputs (no values)")
     return CaptureResult(gm, used, fx_error, model if copy_model else None, canonicalized if copy_model else {},

@@ -13,6 +13,7 @@ from typing import Any, Dict
 import torch.fx as fx
 import torch.nn as nn
 
+from ..capture.experts import ROUTED
 from ..capture.tracer import SiftTracer
 
 
@@ -41,8 +42,9 @@ def splice_module(unit, node: fx.Node, module: nn.Module, path: str, meta: Dict[
                 if new.op in ("call_module", "get_attr"):
                     new.target = f"{path}.{sub_node.target}"
                 new.meta.update(meta)
-                if "stack_trace" in node.meta:
-                    new.meta["stack_trace"] = node.meta["stack_trace"]
+                for key in ("stack_trace", ROUTED):  # where it came from; what share of tokens it sees
+                    if key in node.meta:
+                        new.meta[key] = node.meta[key]
                 if new.op == "call_module":
                     new.meta["sift.role"] = str(sub_node.target)
                 env[sub_node] = new

@@ -299,7 +299,8 @@ def _constant_init_like(old: nn.Module, new: nn.Module) -> nn.Module:
 
 
 # pins that are what the user asked for: the model's interface, head counts (and `axes.asked`)
-AS_ASKED = ("model input", "model output", "split count", "vocabulary", "integer", "spatial size", "stack count")
+AS_ASKED = ("model input", "model output", "split count", "vocabulary", "integer", "spatial size", "stack count",
+            "top-k choice")
 
 
 def kept_at_width(axes, entry) -> List[str]:
