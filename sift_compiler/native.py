@@ -131,7 +131,29 @@ def _swap_modules(model: nn.Module, rewrites: Sequence[ModuleRewrite]) -> Tuple[
             continue
         model.set_submodule(path, rewrite.new if _structural(rewrite.new) else _resized_like(found, rewrite.new))
         replaced.append(path)
+        if not _structural(rewrite.new) and list(rewrite.old.parameters(recurse=False)):
+            replaced.extend(_swap_tied(model, path, found, rewrite))
     return reasons, replaced
+
+
+def _swap_tied(model: nn.Module, path: str, found: nn.Module, rewrite: ModuleRewrite) -> List[str]:
+    """The other places of the same weight take the resized tensors too: the module at other paths
+    (T5's ``shared`` is also ``encoder.embed_tokens``) and modules of its class holding the same
+    parameters (BART's ``shared``, ``encoder.embed_tokens`` and ``decoder.embed_tokens``: one
+    weight, three modules). The graph called only one of them."""
+    swapped = _get(model, path)
+    tied = []
+    for other, module in list(model.named_modules(remove_duplicate=False)):
+        if other == path or not other:
+            continue
+        if module is found:
+            model.set_submodule(other, swapped)
+        elif type(module) is type(found) and _holds(module, rewrite.old):
+            model.set_submodule(other, _resized_like(module, rewrite.new))
+        else:
+            continue
+        tied.append(other)
+    return tied
 
 
 def _swap_tensors(model: nn.Module, rewrites: Sequence[TensorRewrite]) -> List[str]:

@@ -38,7 +38,7 @@ from .axes import AxisGraph, Expr, FloorDiv, Sym
 from .coupling_rules import Literal, SizeLink, SizeValue, reads_sizes, size_math
 from .manager import Analysis
 from .ops import lookup, op_name
-from .shapes import ShapeAnalysis, ShapeMap, TensorSpec
+from .shapes import ShapeAnalysis, ShapeMap, TensorSpec, internal_outputs
 
 __all__ = ["ChannelCouplingAnalysis", "CouplingResult", "Literal", "SizeValue", "analyze_coupling", "getattr_path"]
 
@@ -114,7 +114,10 @@ class _Builder:
                 self.axes.mark_varying(expr)
             return value
         if node.op == "output":
+            internal = internal_outputs(self.gm)
             for value in _flatten_nodes(node.args[0]):
+                if value.name in internal:  # an encoder-decoder's encoder states: d_model, widened
+                    continue
                 for expr in _flatten(self.result.values.get(value.name)):
                     self.axes.pin(expr, "model output")
             return None

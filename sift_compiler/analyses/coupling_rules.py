@@ -338,10 +338,19 @@ def sdpa(b, node):
         reason = f"attention width kept (attention_width=keep) at {node.name}"
         b.axes.pin(q[-1], reason, asked=True)
         b.axes.pin(v[-1], reason, asked=True)
+        for heads in (x[-3] for x in (q, k, v) if len(x) >= 3):  # heads x head_dim, both kept
+            b.axes.pin(heads, reason, asked=True)
     else:
         scale = node.kwargs.get("scale")
         if isinstance(scale, float):
             b.result.sdpa_scales.append((node.name, q[-1]))
+    # the mask (T5's relative position bias: one score per head) broadcasts onto the scores
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    scores = b.axes_of(mask) if isinstance(mask, fx.Node) else None
+    if scores is not None:
+        for a, c in zip(reversed(scores), reversed(batch + (q[-2], k[-2]))):
+            if not isinstance(a, Const) and not isinstance(c, Const):
+                b.axes.unify(a, c, node.name)
     return batch + (q[-2], v[-1])
 
 

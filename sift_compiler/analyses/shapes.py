@@ -5,7 +5,7 @@ No real compute runs: a 10-branch Sparse Parallel ResNet-50 costs the same as th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -59,6 +59,24 @@ class _Recorder(fx.Interpreter):
         return out
 
 
+# An encoder-decoder returns its encoder's states next to its logits, for generate() to pass back
+# (encoder_outputs=): they are d_model wide, an inner width Sparse Wide widens like any other.
+INTERNAL_OUTPUTS = ("encoder_last_hidden_state",)
+
+
+def internal_outputs(gm: fx.GraphModule) -> Set[str]:
+    """Names of the output nodes that return internal states, not results (`INTERNAL_OUTPUTS`),
+    read from the output's structure (a Hugging Face ModelOutput's keys)."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    flat = pytree.tree_leaves(out.args[0])
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "out_spec", None)
+    structured = pytree.tree_unflatten(flat, spec) if spec is not None and spec.num_leaves == len(flat) \
+        else out.args[0]
+    return {leaf.name for path, leaf in pytree.tree_flatten_with_path(structured)[0]
+            if isinstance(leaf, fx.Node) and path and any(key in str(path[0]) for key in INTERNAL_OUTPUTS)}
+
+
 @dataclass(frozen=True)
 class ShapeMap:
     """node name -> TensorSpec (or a pytree of them for tuple outputs)."""
@@ -73,8 +91,16 @@ class ShapeMap:
         return self.specs.get(node.name)
 
     def outputs(self, gm: fx.GraphModule) -> Any:
+        """The outputs' specs; internal states (`internal_outputs`) only by rank, their widths may change."""
         out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-        return pytree.tree_map(lambda a: self.specs.get(a.name) if isinstance(a, fx.Node) else None, out.args[0])
+        internal = internal_outputs(gm)
+
+        def spec(a):
+            value = self.specs.get(a.name) if isinstance(a, fx.Node) else None
+            if isinstance(value, TensorSpec) and a.name in internal:
+                return f"internal state of rank {len(value.shape)}"
+            return value
+        return pytree.tree_map(spec, out.args[0])
 
 
 _SHAPE_PRESERVING = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,

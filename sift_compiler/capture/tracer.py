@@ -76,15 +76,22 @@ class CaptureResult:
 @contextlib.contextmanager
 def _kv_cache_off(model: nn.Module) -> Iterator[Optional[str]]:
     """Trace a Hugging Face model without its KV cache; yields a note when it switched it off."""
-    config = getattr(model, "config", None) if is_transformers_model(model) else None
-    if config is None or not getattr(config, "use_cache", False):
+    if not is_transformers_model(model):
         yield None
         return
-    config.use_cache = False
+    # An encoder-decoder's stacks hold configs of their own (T5's decoder: a deep copy with use_cache on)
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+               if getattr(c, "use_cache", False) is True}
+    if not configs:
+        yield None
+        return
+    for config in configs.values():
+        config.use_cache = False
     try:
         yield "captured without the KV cache (the graph form has no use_cache); config.use_cache is left as it was"
     finally:
-        config.use_cache = True
+        for config in configs.values():
+            config.use_cache = True
 
 
 def _fx_capture(model: nn.Module, kwargs: Dict[str, Any]) -> fx.GraphModule:

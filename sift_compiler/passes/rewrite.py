@@ -75,6 +75,30 @@ def fan(layer: nn.Module) -> Tuple[int, int, int, int]:
     return layer.in_channels, layer.out_channels, kernel, layer.groups
 
 
+# What code around a layer reads from it (Whisper's encoder: conv2.stride; T5's feed-forward:
+# wo.weight.dtype): a replacement answers as the layer it stands in for.
+LAYER_ATTRIBUTES = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+                    "padding", "dilation", "groups", "padding_mode", "transposed", "output_padding")
+
+
+class LayerStandIn:
+    """Mixin of the modules that replace a Linear/Conv: they keep its size and stride attributes
+    (`stand_in_for`), and ``weight`` is their first weight, for code that reads the layer's dtype
+    or device (its shape is that factor's, not the original layer's)."""
+
+    @property
+    def weight(self):
+        return next(p for name, p in self.named_parameters() if name.endswith("weight") and p.is_floating_point())
+
+
+def stand_in_for(replacement: nn.Module, layer: nn.Module) -> nn.Module:
+    """Copy ``layer``'s size and stride attributes onto the module that replaces it."""
+    for name in LAYER_ATTRIBUTES:
+        if hasattr(layer, name) and not hasattr(replacement, name):
+            setattr(replacement, name, getattr(layer, name))
+    return replacement
+
+
 def round_to_multiple(value: float, multiple: int, minimum: int = 0) -> int:
     """Nearest multiple of ``multiple`` (at least ``minimum``)."""
     return max(minimum, int(round(value / multiple)) * multiple)
@@ -127,6 +151,7 @@ class LayerRewritePass(Pass):
                     replacement.target_density = 1.0 - self.sparsity
                 else:
                     replacement, detail = self.build(unit, layer, module)
+                    stand_in_for(replacement, module)
                     kind = self.transform
                 unit.rewrites.modules.append(ModuleRewrite.of(layer.target, module, replacement, nodes[layer.nodes[0]]))
                 for node_name in layer.nodes:

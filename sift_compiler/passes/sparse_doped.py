@@ -18,10 +18,10 @@ import torch.nn as nn
 
 from ..initialization import mark_copy
 from ..sparsity.layers import masked_copy, new_layer
-from .rewrite import LayerRewritePass, fan, round_to_multiple
+from .rewrite import LayerRewritePass, LayerStandIn, fan, round_to_multiple
 
 
-class DopedLayer(nn.Module):
+class DopedLayer(LayerStandIn, nn.Module):
     """M x + V U x."""
 
     sift_rule = "sparse-doped"  # nodes inside it belong to this rule (capture.normalize.annotate_provenance)

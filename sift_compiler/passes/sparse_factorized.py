@@ -17,10 +17,10 @@ from typing import Optional, Tuple
 import torch.nn as nn
 
 from ..sparsity.layers import new_layer
-from .rewrite import LayerRewritePass, fan, round_to_multiple
+from .rewrite import LayerRewritePass, LayerStandIn, fan, round_to_multiple
 
 
-class FactorizedLayer(nn.Module):
+class FactorizedLayer(LayerStandIn, nn.Module):
     """V sigma(U x)."""
 
     sift_rule = "sparse-factorized"  # nodes inside it belong to this rule (capture.normalize.annotate_provenance)

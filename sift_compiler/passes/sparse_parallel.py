@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import torch.nn as nn
 
 from ..sparsity.layers import new_layer
-from .rewrite import LayerRewritePass
+from .rewrite import LayerRewritePass, LayerStandIn
 
 
 class SparseBranch(nn.Module):
@@ -35,7 +35,7 @@ class SparseBranch(nn.Module):
         return self.act(y)
 
 
-class ParallelBranches(nn.Module):
+class ParallelBranches(LayerStandIn, nn.Module):
     """sum_j sigma(W_j x) over its branches."""
 
     sift_rule = "sparse-parallel"  # nodes inside it belong to this rule (capture.normalize.annotate_provenance)
