@@ -37,6 +37,7 @@ import contextlib
 import copy
 import io
 import math
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -295,6 +296,18 @@ def _eval_outputs(module: nn.Module, args, kwargs) -> List[torch.Tensor]:
             m.training = flag
 
 
+def _failure(error: BaseException) -> str:
+    """`AssertionError at diffusers/models/downsampling.py:134: assert hidden_states.shape[1] == self.channels`:
+    the error and the line of code that raised it (an assert on a size has no message)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = ""
+    if frames:
+        frame = frames[-1]
+        where = f" at {'/'.join(frame.filename.split('/')[-3:])}:{frame.lineno}" + (f": {frame.line}" if frame.line else "")
+    message = first_line(error, 200)
+    return f"{type(error).__name__}{where}" + (f": {message}" if message else "")
+
+
 def check_native(native: nn.Module, graph: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
                  rtol: float = NATIVE_RTOL, second_size: bool = True) -> Tuple[Optional[str], List[str]]:
     """(why the native model is wrong, or None; notes): both forms in eval mode on the example
@@ -316,7 +329,7 @@ def check_native(native: nn.Module, graph: nn.Module, args: Tuple[Any, ...], kwa
         try:
             actual = _eval_outputs(native, a, k)
         except Exception as e:
-            return f"the native model fails on {label}: {type(e).__name__}: {first_line(e, 200)}", notes
+            return f"the native model fails on {label}: {_failure(e)}", notes
         error = relative_error(actual, expected)
         if not error <= rtol:
             return (f"the native model computes something else than the graph form on {label} (relative error "

@@ -69,6 +69,7 @@ class AxisGraph:
         self.pinned: Dict[int, str] = {}   # root -> why it keeps its size
         self.asked: set = set()            # pinned roots the user asked to keep
         self.multiple: Dict[int, int] = {}  # root -> the new size must be a multiple of this
+        self.derived_multiple: List[Tuple[Expr, int]] = []  # composite axes (a cat's Sum) that must be too
         self.definition: Dict[int, Expr] = {}  # root -> composite it equals
         self.varying: List[int] = []       # symbols that follow the input's shape (batch, sequence, spatial)
 
@@ -127,6 +128,9 @@ class AxisGraph:
         if multiple > 1 and isinstance(expr, Sym):
             root = self.root(expr)
             self.multiple[root] = math.lcm(self.multiple.get(root, 1), multiple)
+        elif multiple > 1 and isinstance(expr, (Sum, Prod, FloorDiv)):
+            # a GroupNorm after a UNet's skip concatenation: checked once the parts have sizes
+            self.derived_multiple.append((expr, multiple))
 
     def unify(self, a: Expr, b: Expr, where: str) -> None:
         """Record that axes ``a`` and ``b`` must always have the same size."""
@@ -247,19 +251,23 @@ class AxisGraph:
                 return sizes[root]
             for root in self.roots():
                 decide(root)
-            for root, expr in self.definition.items():
-                multiple = self.multiple.get(root, 1)
-                if sizes[root] % multiple == 0 or root in self.pinned:
+            checks = [(sizes[root], expr, self.multiple.get(root, 1), root)
+                      for root, expr in self.definition.items() if root not in self.pinned]
+            checks += [(self._evaluate(expr, decide), expr, multiple, expr)
+                       for expr, multiple in self.derived_multiple]
+            for size, expr, multiple, key in checks:
+                if size % multiple == 0:
                     continue
                 terms = [t for t in (expr.terms if isinstance(expr, Sum) else ()) if isinstance(t, Sym)]
-                if terms and (root, multiple) not in pushed:
+                if terms and (key, multiple) not in pushed:
                     # a concatenation stays a multiple when each of its parts is one
-                    pushed.add((root, multiple))
+                    pushed.add((key, multiple))
                     for term in terms:
                         self.require_multiple(term, multiple)
                 else:
                     self.pin(expr, "a derived size must stay a multiple")
-                    self.pinned[root] = "a derived size must stay a multiple"
+                    if isinstance(key, int):
+                        self.pinned[key] = "a derived size must stay a multiple"
                 changed = True
             if not changed:
                 return lambda expr: self._evaluate(expr, decide)

@@ -17,6 +17,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..errors import describe_node
 from .axes import Const, Expr, FloorDiv, Prod, Sum
 from .shapes import TensorSpec
 
@@ -397,7 +398,7 @@ def norm_reduce(b, node):
 
 def create(b, node):
     """Tensors made in the graph (arange, eye, ...): new axes of fixed size."""
-    return b.fresh_tree(b.shapes.value(node), node.name, "created in the graph")
+    return b.fresh_tree(b.shapes.value(node), node.name, f"created in the graph at {describe_node(node)}")
 
 
 def sized(first: int) -> CouplingRule:

@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from .axes import Const, Expr, Prod, Sum
+from .axes import Const, Expr, Prod, Sum, symbols
 from .coupling_rules import Literal, SizeLink, SizeValue, dim_arg, on_tensor
 from .shapes import TensorSpec
 
@@ -256,6 +256,42 @@ def expand(b, node, x):
     return tuple(out)
 
 
+@on_tensor("repeat")
+def repeat(b, node, x):
+    """x.repeat(sizes): axes repeated once pass; a size-1 axis repeated is new (a broadcast, as in
+    expand: SigLIP's ``probe.repeat(batch, 1, 1)``); any other repeated axis is pinned."""
+    args = node.args[1:]
+    sizes = list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+    out_shape, in_shape = b.shapes[node].shape, b.shapes[node.args[0]].shape
+    lead = len(out_shape) - len(x)
+    if len(sizes) != len(out_shape) or lead < 0:
+        return b.opaque(node, "repeat with sizes it cannot read")
+    out = [b.axes.new(d, node.name, "repeated") for d in out_shape[:lead]]
+    for axis, (expr, size) in enumerate(zip(x, in_shape)):
+        if sizes[lead + axis] == 1:
+            out.append(expr)
+            continue
+        if size != 1:
+            b.axes.pin(expr, f"repeated at {node.name}")
+        out.append(b.axes.new(out_shape[lead + axis], node.name, "repeated"))
+    return tuple(out)
+
+
+@on_tensor("repeat_interleave")
+def repeat_interleave(b, node, x):
+    """x.repeat_interleave(n, dim) with a literal n: that axis is n times its input (Mamba-2's
+    B and C from groups to heads); the others pass. A tensor of counts or no dim: no rule."""
+    repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = dim_arg(node, 2, None, len(x))
+    if not isinstance(repeats, int) or not isinstance(dim, int):
+        return b.opaque(node, "repeat_interleave by a tensor of counts or over a flattened input")
+    if repeats == 1:
+        return x
+    axis = x[dim]
+    grown = Const(axis.value * repeats) if isinstance(axis, Const) else Prod((axis, Const(repeats)))
+    return x[:dim] + (grown,) + x[dim + 1:]
+
+
 @on_tensor("select")
 def select(b, node, x):
     dim = dim_arg(node, 1, 0, len(x))
@@ -269,8 +305,18 @@ def slice_rule(b, node, x):
     in_size, out_size = b.shapes[node.args[0]].shape[dim], b.shapes[node].shape[dim]
     if in_size == out_size:
         return x
+    reason = _slice_reason(b, x[dim])
     b.axes.pin(x[dim], f"partly sliced at {node.name}")
-    return x[:dim] + (b.axes.new(out_size, node.name, "slice"),) + x[dim + 1:]
+    return x[:dim] + (b.axes.new(out_size, node.name, reason),) + x[dim + 1:]
+
+
+def _slice_reason(b, axis: Expr) -> str:
+    """Why a part of ``axis`` keeps its size: why the axis itself does, when something fixed it
+    before the slice (a size created in the graph: a timestep embedding's frequencies), else "slice"."""
+    roots = [b.axes.root(s) for s in symbols(axis)]
+    if roots and b.axes.fixed(axis):
+        return next((b.axes.pinned[r] for r in roots if r in b.axes.pinned), "slice")
+    return "slice"
 
 
 @on_tensor("pad")
@@ -327,8 +373,9 @@ def _index(b, node, x, index):
             if item == slice(None):
                 out.append(axis)
             else:
+                reason = _slice_reason(b, axis)
                 b.axes.pin(axis, f"partly sliced at {node.name}")
-                out.append(b.axes.new(spec.shape[len(out)], f"{node.name}", "slice"))
+                out.append(b.axes.new(spec.shape[len(out)], f"{node.name}", reason))
             position += 1
     out.extend(x[position:])
     return tuple(out)

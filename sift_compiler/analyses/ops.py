@@ -76,7 +76,7 @@ _LIKE = ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "ran
 _POOLS = ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d",
           "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
           "_adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")
-_NO_RULE_COPIES = ("repeat", "tile", "roll", "flip", "gather", "index_select", "index", "repeat_interleave",
+_NO_RULE_COPIES = ("tile", "roll", "flip", "gather", "index_select", "index",
                    "movedim", "diff", "scatter", "masked_select", "take_along_dim")
 
 
@@ -155,7 +155,7 @@ ROWS = [
     *[(name, C.reduce, R.pool, named(name)) for name in _REDUCTIONS],
     ("max_reduce", C.maximum, R.maximum, named("max", "min")),
     ("topk", C.topk, R.pool, named("topk")),
-    ("norm_reduce", C.norm_reduce, R.pool, named("norm")),
+    ("norm_reduce", C.norm_reduce, R.pool, named("norm", "linalg_vector_norm") + [torch.linalg.vector_norm]),
     # joins, splits, views
     ("cat", V.cat, R.FREE, named("cat", "concat", "concatenate")),
     ("stack", V.stack, R.FREE, named("stack")),
@@ -173,6 +173,8 @@ ROWS = [
     ("squeeze", V.squeeze, R.FREE, named("squeeze")),
     ("expand", V.expand, R.FREE, named("expand", "expand_as", "broadcast_to")),
     ("select", V.select, R.FREE, named("select")),
+    ("repeat", V.repeat, R.FREE, named("repeat")),
+    ("repeat_interleave", V.repeat_interleave, R.FREE, named("repeat_interleave")),
     ("slice", V.slice_rule, R.FREE, named("slice", "narrow")),
     ("pad", V.pad, R.FREE, named("pad", "constant_pad_nd")),
     ("getitem", V.getitem, R.FREE, [operator.getitem]),

@@ -41,11 +41,26 @@ def _bind(node: fx.Node, names: Sequence[str], defaults: Dict[str, Any]) -> Dict
     return bound
 
 
+_UNIT_DIM_VIEWS = frozenset({aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
+                             torch.squeeze, torch.unsqueeze, "squeeze", "unsqueeze"})
+
+
 def _param(gm: fx.GraphModule, arg: Any) -> Optional[torch.Tensor]:
-    """The tensor behind a get_attr node (None for anything else)."""
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+    """The tensor behind a get_attr node (None for anything else). A chain of squeezes and
+    unsqueezes that gives the parameter back in its own shape is the parameter (Mamba's
+    ``conv1d(x, self.conv1d.weight.squeeze(1).unsqueeze(1))``): the same elements, no copy."""
+    if not isinstance(arg, fx.Node):
+        return None
+    end = arg
+    while arg.op in ("call_function", "call_method") and arg.target in _UNIT_DIM_VIEWS \
+            and isinstance(arg.args[0], fx.Node):
+        arg = arg.args[0]
+    if arg.op == "get_attr":
         value = operator.attrgetter(str(arg.target))(gm)
-        return value if isinstance(value, torch.Tensor) else None
+        if not isinstance(value, torch.Tensor):
+            return None
+        shape = end.meta.get("val").shape if isinstance(end.meta.get("val"), torch.Tensor) else value.shape
+        return value if tuple(shape) == tuple(value.shape) else None
     return None
 
 
@@ -210,6 +225,20 @@ def _same_module(a: nn.Module, b: nn.Module) -> bool:
     return len(pa) == len(pb) and all(x is y for x, y in zip(pa, pb))
 
 
+def _erase_unused_views(gm: fx.GraphModule, args: Sequence[Any]) -> None:
+    """The squeezes `_param` looked through, now that nothing reads them."""
+    for arg in args:
+        while isinstance(arg, fx.Node) and not arg.users and arg.target in _UNIT_DIM_VIEWS \
+                and arg.op in ("call_function", "call_method"):
+            source = arg.args[0]
+            gm.graph.erase_node(arg)
+            arg = source
+
+
+def _has_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
 def _innermost_owner(node: fx.Node) -> Optional[str]:
     stack = node.meta.get("nn_module_stack")
     return list(stack.values())[-1][0] if stack else None
@@ -261,6 +290,7 @@ def modularize_functional_ops(gm: fx.GraphModule, model: Optional[nn.Module] = N
     ``model``: the module ``gm`` was captured from, where masked layers are looked up.
     """
     made: Dict[str, nn.Module] = {}
+    owners: Dict[str, str] = {}
     changed = _restore_masked_layers(gm, model)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in RULES:
@@ -270,16 +300,22 @@ def modularize_functional_ops(gm: fx.GraphModule, model: Optional[nn.Module] = N
         if built is None:
             continue
         module, inputs = built
-        path = next((p for p, m in made.items() if _same_module(m, module)), None)  # a shared layer
+        owner = _owner_path(node)
+        # a shared layer: the same tensors, or, for a module without any (a LayerNorm without
+        # affine, dropout), the same module of the model called again
+        path = next((p for p, m in made.items() if _same_module(m, module)
+                     and (_has_tensors(m) or owners[p] == owner)), None)
         if path is None:
-            path = _free_path(gm, _owner_path(node), module, made)
+            path = _free_path(gm, owner, module, made)
             gm.add_submodule(path, module)
-            made[path] = module
+            made[path], owners[path] = module, owner
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(path, tuple(inputs))
         new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
         node.replace_all_uses_with(new)
+        read = node.all_input_nodes
         gm.graph.erase_node(node)
+        _erase_unused_views(gm, read)
         changed += 1
     if changed:
         for node in list(gm.graph.nodes):
