@@ -51,6 +51,14 @@ class CompileResult:
         from .serialize import save
         save(self, path)
 
+    def save_pretrained(self, directory: str, format: str = "auto", max_shard_size: str = "5GB") -> str:
+        """Write a checkpoint folder: "standard" (a plain checkpoint of a wider model of the same
+        class, loads with transformers alone), "compact" (values + bitmask), "sift" (the model's
+        own save_pretrained) or "auto" (standard where it can be). Returns the format written;
+        see `exporters.checkpoints`."""
+        from .exporters.checkpoints import save_pretrained
+        return save_pretrained(self, directory, format, max_shard_size)
+
 
 def _as_tuple(example_inputs: Any) -> Tuple[Any, ...]:
     if example_inputs is None:

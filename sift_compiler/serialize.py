@@ -31,6 +31,7 @@ from .errors import ModelLoadError, first_line
 from .io import atomic_path, check_writable
 
 FORMAT = "sift-compiler/1"
+CHECKPOINT_PLAN = "sift_plan.json"  # a standard or compact folder (`exporters.checkpoints`)
 
 
 def _describe_input(x: Any) -> Any:
@@ -157,6 +158,8 @@ def load(path: str, model: Optional[nn.Module] = None, trust_source: bool = Fals
     models by name, a Hugging Face config by its class in transformers) or passed as ``model=``.
     """
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, CHECKPOINT_PLAN)):
+            return _load_checkpoint(path, model, trust_source)
         return _load_pretrained(path, model)
     content = read(path)
     plan = content["plan"]
@@ -181,6 +184,43 @@ def _load_pretrained(directory: str, model: Optional[nn.Module]):
     result = _compile_from_plan(plan, dense)
     _install_state(result, _read_safetensors(directory), directory, allow_tied=True)
     return result
+
+
+def _load_checkpoint(directory: str, model: Optional[nn.Module], trust_source: bool):
+    """A standard or compact folder written by `exporters.checkpoints.save_pretrained`."""
+    import json
+    from .exporters.checkpoints import read_checkpoint_state
+    with open(os.path.join(directory, CHECKPOINT_PLAN)) as f:
+        plan = json.load(f)
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        raise ModelLoadError(f"{directory!r}: {CHECKPOINT_PLAN} is not a sift-compiler plan (format {FORMAT})")
+    if model is not None:
+        dense = model
+    elif plan.get("dense_config"):
+        dense = _dense_from_config_dict(plan["dense_config"], plan.get("model_class"), directory)
+    else:
+        dense = _rebuild_source(plan.get("source"), trust_source)
+    result = _compile_from_plan(plan, dense)
+    _install_state(result, read_checkpoint_state(directory, plan.get("checkpoint")), directory, allow_tied=True)
+    return result
+
+
+def _dense_from_config_dict(config: Dict[str, Any], class_name: Optional[str], directory: str) -> nn.Module:
+    """The dense Hugging Face model a plan describes: its config class and model class from transformers."""
+    try:
+        import transformers
+    except ImportError:
+        raise ModelLoadError("transformers is not installed: pip install 'sift-compiler[transformers]'") from None
+    try:
+        config_class = transformers.CONFIG_MAPPING[config["model_type"]]
+    except KeyError:
+        raise ModelLoadError(f"{directory!r}: the plan's model type {config.get('model_type')!r} is not in "
+                             "transformers; pass the dense model as sift_compiler.load(path, model=...)") from None
+    cls = getattr(transformers, class_name or "", None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelLoadError(f"{directory!r}: the plan names no model class of transformers ({class_name!r}); pass "
+                             "the dense model as sift_compiler.load(path, model=...)")
+    return cls(config_class.from_dict(config))
 
 
 def _dense_from_pretrained_config(directory: str) -> nn.Module:
