@@ -20,7 +20,9 @@ import sift_compiler as sift
 from sift_compiler.errors import SiftWarning
 from sift_compiler.exporters.checkpoints import COMPACT_FILE, StandardCheckpointRefused
 from sift_compiler.exporters.compact import pack_bits, unpack_bits
+from sift_compiler.passes.sparse_wide import kernel_head_dim
 from sift_compiler.sparsity.nm import random_nm_mask
+from checks import exit_status
 from model_zoo import _spec
 
 TINY = "num_hidden_layers=2,hidden_size=64,num_attention_heads=4,num_key_value_heads=2,intermediate_size=128," \
@@ -189,3 +191,33 @@ def test_bitmask_packing_round_trips(shape):
     bits = pack_bits(mask)
     assert bits.dtype == torch.uint8 and bits.numel() == (mask.numel() + 7) // 8
     assert torch.equal(unpack_bits(bits, shape), mask)
+
+
+@pytest.mark.parametrize("target,multiple,expected", [
+    (64 * 2 ** 0.5, 1, 96),     # 90.5: the nearest preferred size within 12.5%
+    (64 * 2, 1, 128),
+    (64 * 10 ** 0.5, 1, 192),   # 202.4
+    (128 * 10 ** 0.5, 1, 256),  # 404.8: no kernel takes more than 256
+    (16 * 2 ** 0.5, 1, 24),     # 22.6: no preferred size near, the nearest multiple of 8
+    (50.0, 3, 48),              # a multiple the solver asks for as well
+])
+def test_kernel_head_dim(target, multiple, expected):
+    chosen = kernel_head_dim(target, multiple)
+    assert chosen == expected and chosen % 8 == 0 and chosen % multiple == 0 and chosen <= 256
+
+
+def test_cli_kernel_head_dims_and_a_compact_checkpoint(tmp_path):
+    """GPT-2 with the attention width scaled: head dim 16 * sqrt 2 = 22.6 becomes 24 (23 without the
+    option), the report says so; the compact folder loads back with the same outputs."""
+    from sift_compiler.cli.compile import main
+    spec = "transformers:gpt2,n_layer=1,n_embd=64,n_head=4,vocab_size=100,n_positions=32"
+    argv = [spec, "-t", "wide", "-s", "0.5", "--attention-width", "scale", "--kernel-head-dims", "--input-shape",
+            "1,8", "-q", "--report", tmp_path / "r.json", "--save-pretrained", tmp_path / "ckpt",
+            "--checkpoint-format", "compact"]
+    assert exit_status(main, argv) == 0
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert "head dims for attention kernels: 16->24 (k x 16 = 22.6)" in notes
+    loaded = sift.load(str(tmp_path / "ckpt"))
+    attention = loaded.module.transformer.h[0].attn
+    assert attention.head_dim == 24 and attention.split_size == 96
+    assert exit_status(main, argv[:-2] + ["--checkpoint-format", "standard"]) == 2  # GPT-2 keeps no such config
