@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -113,15 +113,23 @@ def _rebuild_source(source: Optional[Dict[str, Any]], trust_source: bool) -> nn.
     return load_model(spec, trust_pickle=trust_source).module
 
 
+def plan_inputs(plan: Dict[str, Any], model: nn.Module) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """Example inputs of the plan's shapes and dtypes, made for ``model`` (token ids within its vocabulary)."""
+    args = tuple(_make_input(a, model) for a in plan["inputs"]["args"])
+    return args, {k: _make_input(v, model) for k, v in plan["inputs"]["kwargs"].items()}
+
+
+def plan_config(plan: Dict[str, Any]) -> CompileConfig:
+    """The `CompileConfig` a plan was compiled with."""
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in plan["config"].items()
+           if k in CompileConfig.__dataclass_fields__}  # files from older versions may carry removed options
+    return CompileConfig(**cfg)
+
+
 def _compile_from_plan(plan: Dict[str, Any], dense: nn.Module):
     from .api import compile_config
-    args = [_make_input(a, dense) for a in plan["inputs"]["args"]]
-    kwargs = {k: _make_input(v, dense) for k, v in plan["inputs"]["kwargs"].items()}
-    cfg = dict(plan["config"])
-    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()
-           if k in CompileConfig.__dataclass_fields__}  # files from older versions may carry removed options
-    config = CompileConfig(**cfg)
-    return compile_config(dense, config, tuple(args), kwargs, capture_method=plan.get("capture_method", "auto"),
+    args, kwargs = plan_inputs(plan, dense)
+    return compile_config(dense, plan_config(plan), args, kwargs, capture_method=plan.get("capture_method", "auto"),
                           source=plan.get("source"), output=plan.get("output", "graph"))
 
 

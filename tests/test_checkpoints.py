@@ -47,7 +47,7 @@ def _logits(module, ids):
 def test_sparse_wide_standard_checkpoint_loads_in_plain_transformers_and_back_in_sift(tmp_path):
     """Llama and Qwen2 (which derives head_dim from hidden_size, so the config must write it):
     a fresh process with transformers alone gets the sift model's logits; sift.load restores the
-    masks, and a RigL update on them keeps every layer's count exact."""
+    masks, a RigL update on them keeps every layer's count exact, and the trained model saves again."""
     ids = torch.randint(0, 500, (2, 11), generator=torch.Generator().manual_seed(1))
     results = {}
     for name, build in LMS.items():
@@ -89,6 +89,13 @@ def test_sparse_wide_standard_checkpoint_loads_in_plain_transformers_and_back_in
     after = sift.sparsity.masks(model)
     assert all(int(after[k].sum()) == int(masks[k].sum()) for k in after)
     assert any(not torch.equal(after[k], masks[k]) for k in after)  # the update did move masks
+
+    # the trained model alone (as Trainer holds it) saves the same way; transformers reads it
+    from transformers import AutoModelForCausalLM
+    assert sift.save_pretrained(model, tmp_path / "trained", format="standard") == "standard"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
+    expected = _logits(model, ids)
+    assert float((_logits(plain, ids) - expected).abs().max() / expected.abs().max()) <= 1e-5
 
 
 @pytest.mark.parametrize("transform", ["parallel", "factorized", "doped"])

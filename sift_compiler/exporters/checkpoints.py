@@ -27,11 +27,14 @@ moved in, replacing what a previous save of any format left there.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -52,14 +55,17 @@ STANDARD_RTOL = 1e-5
 SHAPE_CHECKS = 4  # configs with the right shapes whose outputs are compared before refusing
 
 
-def save_pretrained(result, directory: str, format: str = "auto", max_shard_size: str = "5GB") -> str:
-    """Write ``result`` (a `CompileResult`) as a checkpoint folder; returns the format written.
+def save_pretrained(result: Any, directory: str, format: str = "auto", max_shard_size: str = "5GB") -> str:
+    """Write ``result`` (a `CompileResult`, or a compiled Hugging Face model on its own, e.g. after
+    training) as a checkpoint folder; returns the format written.
 
     >>> sift.save_pretrained(result, "llama-wide")                  # standard where it can be
     >>> AutoModelForCausalLM.from_pretrained("llama-wide")          # no sift needed
     >>> sift.load("llama-wide")                                     # masks back, for training
     >>> sift.save_pretrained(result, "small", format="compact")     # values + bitmask
     """
+    if isinstance(result, nn.Module):
+        result = _SavedModule.of(result)
     if format not in FORMATS:
         raise UserInputError(f"checkpoint format must be one of {', '.join(FORMATS)}, got {format!r}")
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -91,6 +97,28 @@ def save_pretrained(result, directory: str, format: str = "auto", max_shard_size
                                      f"{type(module).__name__} is not one: use format='compact' or result.save(path)")
             module.save_pretrained(tmp, max_shard_size=max_shard_size)
     return format
+
+
+@dataclass
+class _SavedModule:
+    """What saving needs of a `CompileResult`, for a compiled Hugging Face model given alone (after
+    training, ``trainer.model``): its plan is in ``config.sift``."""
+
+    module: nn.Module
+    plan: Dict[str, Any]
+    config: Any
+    unit: Any
+    output: str = "native"
+
+    @staticmethod
+    def of(module: nn.Module) -> "_SavedModule":
+        from ..serialize import FORMAT, plan_config, plan_inputs
+        plan = getattr(getattr(module, "config", None), "sift", None)
+        if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+            raise UserInputError(f"{type(module).__name__} carries no sift plan (config.sift): pass the CompileResult "
+                                 "that sift.compile or sift.load returned")
+        args, kwargs = plan_inputs(plan, module)
+        return _SavedModule(module, plan, plan_config(plan), SimpleNamespace(args=args, kwargs=kwargs))
 
 
 def standard_config(result) -> Tuple[Any, Dict[str, Tuple[Any, Any]]]:
@@ -178,7 +206,7 @@ def _outputs(module: nn.Module, args, kwargs):
 
 def _plan(result, checkpoint: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from ..serialize import plan_of
-    plan = plan_of(result)
+    plan = copy.deepcopy(result.plan) if isinstance(result, _SavedModule) else plan_of(result)
     plan["checkpoint"] = checkpoint
     if is_hugging_face(result.module):  # the dense model to rebuild, whatever the source was
         plan["dense_config"] = dense_config(result.module).to_dict()
