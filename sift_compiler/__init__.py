@@ -13,6 +13,7 @@ from .capture import capture, leaf_module, load_model
 from .config import CompileConfig
 from .errors import (CaptureError, ExportError, ModelLoadError, PassError, SiftError, UnsupportedOpError,
                      UserInputError)
+from .exporters.checkpoints import save_pretrained
 from .exporters.onnx import export_onnx
 from .initialization import init_weights, materialize
 from .pipelines import (CapacityRule, get_pipeline, pipeline_names, register_pipeline, register_transform,
@@ -25,5 +26,5 @@ from .version import __version__
 __all__ = ["compile", "flops", "CompileResult", "CompileConfig", "CompilationUnit", "FlopReport", "capture",
            "leaf_module", "load_model", "export_onnx", "get_pipeline", "pipeline_names", "register_pipeline",
            "register_transform", "transform_names", "CapacityRule",
-           "load", "save", "sparsity", "init_weights", "materialize", "latency", "SiftError", "UserInputError", "ModelLoadError", "CaptureError",
+           "load", "save", "save_pretrained", "sparsity", "init_weights", "materialize", "latency", "SiftError", "UserInputError", "ModelLoadError", "CaptureError",
            "PassError", "ExportError", "UnsupportedOpError"]

@@ -54,6 +54,14 @@ class CompileResult:
         """Write the compiled model so that `sift_compiler.load` restores it (see serialize.py)."""
         serialize.save(self, path)
 
+    def save_pretrained(self, directory: str, format: str = "auto", max_shard_size: str = "5GB") -> str:
+        """Write a checkpoint folder: "standard" (a plain checkpoint of a wider model of the same
+        class, loads with transformers alone), "compact" (values + bitmask), "sift" (the model's
+        own save_pretrained) or "auto" (standard where it can be). Returns the format written;
+        see `exporters.checkpoints`."""
+        from .exporters.checkpoints import save_pretrained
+        return save_pretrained(self, directory, format, max_shard_size)
+
 
 def _as_tuple(example_inputs: Any) -> Tuple[Any, ...]:
     if example_inputs is None:
@@ -69,7 +77,8 @@ _UNSET: Any = object()  # marks a sparsity not passed (compile(model, config, ex
 def compile(model: nn.Module, transform: Union[str, CompileConfig] = "parallel", sparsity: Any = _UNSET,
             example_inputs: Any = (), example_kwargs: Optional[Dict[str, Any]] = None, *,
             seed: int = 0, keep_dense: Sequence[str] = (), activation: str = "auto", linear_norm: bool = False,
-            round_to: int = 1, attention_width: str = "keep", capture_method: str = "auto",
+            round_to: int = 1, attention_width: str = "keep", kernel_head_dims: bool = False,
+            capture_method: str = "auto",
             progress: Optional[TextIO] = None, model_name: str = "", source: Optional[Dict[str, Any]] = None,
             output: str = "auto", budget: str = "flops", capacity: Optional[float] = None,
             runtime: Optional[str] = None, latency: Optional[Any] = None,
@@ -89,7 +98,7 @@ def compile(model: nn.Module, transform: Union[str, CompileConfig] = "parallel",
     "factorized", "doped", "wide", or one added with `pipelines.register_transform`), or a whole
     `CompileConfig`; then the next positional arguments are ``example_inputs`` (and
     ``example_kwargs``) and the options the config holds (sparsity, seed, keep_dense, activation,
-    linear_norm, round_to, attention_width, budget, capacity, strict, flop_tolerance) must not be
+    linear_norm, round_to, attention_width, kernel_head_dims, budget, capacity, strict, flop_tolerance) must not be
     passed again. ``sparsity``: s in [0, 1) (default 0.75). ``seed`` fixes the masks and every new
     weight (the caller's torch RNG state is neither used nor advanced). The user's ``model`` is not
     modified. A transform that could not be applied as asked (layers kept at width, s' far from s:
@@ -111,8 +120,8 @@ def compile(model: nn.Module, transform: Union[str, CompileConfig] = "parallel",
         config = transform
         example_inputs, example_kwargs = _inputs_after_config(sparsity, example_inputs, example_kwargs)
         passed = dict(seed=seed, keep_dense=tuple(keep_dense), activation=activation, linear_norm=linear_norm,
-                      round_to=round_to, attention_width=attention_width, budget=budget, capacity=capacity,
-                      strict=strict, flop_tolerance=flop_tolerance)
+                      round_to=round_to, attention_width=attention_width, kernel_head_dims=kernel_head_dims,
+                      budget=budget, capacity=capacity, strict=strict, flop_tolerance=flop_tolerance)
         defaults = CompileConfig()
         twice = [k for k, v in passed.items() if v != getattr(defaults, k)]
         if twice:
@@ -121,7 +130,8 @@ def compile(model: nn.Module, transform: Union[str, CompileConfig] = "parallel",
     else:
         config = CompileConfig(transform=transform, sparsity=0.75 if sparsity is _UNSET else sparsity, seed=seed,
                                keep_dense=tuple(keep_dense), activation=activation, linear_norm=linear_norm,
-                               round_to=round_to, attention_width=attention_width, capacity=capacity,
+                               round_to=round_to, attention_width=attention_width,
+                               kernel_head_dims=kernel_head_dims, capacity=capacity,
                                budget=budget, strict=strict, flop_tolerance=flop_tolerance)
     return compile_config(model, config, example_inputs, example_kwargs, capture_method=capture_method,
                           progress=progress, model_name=model_name, source=source, output=output,

@@ -36,6 +36,11 @@ class CompileConfig:
     rounding can explain (`passes.verify.rounding_bound`); a number replaces that bound with
     ``|sift/dense - 1| <= flop_tolerance``.
 
+    ``kernel_head_dims``: Sparse Wide rounds every head dim it widens (``attention_width="scale"``)
+    to a size FlashAttention, SDPA's fused kernels and vLLM accept: a multiple of 8 up to 256,
+    preferring 32/64/80/96/112/120/128/192/256 within 12.5% (`passes.sparse_wide.kernel_head_dim`);
+    the report's notes say what it chose.
+
     ``transform`` is any name in the transform registry (`registry.transform_names`), including
     ones registered with `registry.register_transform`.
     """
@@ -49,6 +54,7 @@ class CompileConfig:
     flop_tolerance: Optional[float] = None  # |sift/dense - 1| allowed (None: what rounding explains; VerifyPass)
     round_to: int = 1                 # Sparse Wide: channel multiple
     attention_width: str = "keep"     # Sparse Wide on attention: keep heads x head_dim, or scale
+    kernel_head_dims: bool = False    # Sparse Wide: widened head dims that attention kernels accept
     capacity: Optional[float] = None  # the transform's size, overriding the iso-FLOP formula (see above)
     budget: str = "flops"             # "flops": iso-FLOP compensation; "latency": sparse layers stay at s
     strict: bool = False              # a transform not applied as asked is an error, not a warning

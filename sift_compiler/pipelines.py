@@ -78,7 +78,8 @@ def sparse_doped_pipeline(config: CompileConfig) -> List[Pass]:
 @register_pipeline("sparse-wide")
 def sparse_wide_pipeline(config: CompileConfig) -> List[Pass]:
     o = RewriteOptions.of(config)
-    return [SparseWidePass(o.sparsity, o.round_to, defer_init=o.defer_init, factor=o.capacity, options=o),
+    return [SparseWidePass(o.sparsity, o.round_to, defer_init=o.defer_init, factor=o.capacity, options=o,
+                           kernel_head_dims=o.kernel_head_dims),
             *finish_passes(config)]
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ from .errors import ModelLoadError, first_line
 from .io import atomic_path, check_writable
 
 FORMAT = "sift-compiler/1"
+CHECKPOINT_PLAN = "sift_plan.json"  # a standard or compact folder (`exporters.checkpoints`)
 
 
 def _describe_input(x: Any) -> Any:
@@ -112,14 +113,22 @@ def _rebuild_source(source: Optional[Dict[str, Any]], trust_source: bool) -> nn.
     return load_model(spec, trust_pickle=trust_source).module
 
 
-def _compile_from_plan(plan: Dict[str, Any], dense: nn.Module, compile_config: Callable[..., Any]):
-    args = [_make_input(a, dense) for a in plan["inputs"]["args"]]
-    kwargs = {k: _make_input(v, dense) for k, v in plan["inputs"]["kwargs"].items()}
-    cfg = dict(plan["config"])
-    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()
+def plan_inputs(plan: Dict[str, Any], model: nn.Module) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """Example inputs of the plan's shapes and dtypes, made for ``model`` (token ids within its vocabulary)."""
+    args = tuple(_make_input(a, model) for a in plan["inputs"]["args"])
+    return args, {k: _make_input(v, model) for k, v in plan["inputs"]["kwargs"].items()}
+
+
+def plan_config(plan: Dict[str, Any]) -> CompileConfig:
+    """The `CompileConfig` a plan was compiled with."""
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in plan["config"].items()
            if k in CompileConfig.__dataclass_fields__}  # files from older versions may carry removed options
-    config = CompileConfig(**cfg)
-    return compile_config(dense, config, tuple(args), kwargs, capture_method=plan.get("capture_method", "auto"),
+    return CompileConfig(**cfg)
+
+
+def _compile_from_plan(plan: Dict[str, Any], dense: nn.Module, compile_config: Callable[..., Any]):
+    args, kwargs = plan_inputs(plan, dense)
+    return compile_config(dense, plan_config(plan), args, kwargs, capture_method=plan.get("capture_method", "auto"),
                           source=plan.get("source"), output=plan.get("output", "graph"))
 
 
@@ -158,6 +167,8 @@ def load(path: str, model: Optional[nn.Module] = None, trust_source: bool = Fals
     ``compile_with``: `api.compile_config` (what `sift_compiler.load` passes; serialize sits below the API).
     """
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, CHECKPOINT_PLAN)):
+            return _load_checkpoint(path, model, trust_source, compile_with)
         return _load_pretrained(path, model, compile_with)
     content = read(path)
     plan = content["plan"]
@@ -182,6 +193,44 @@ def _load_pretrained(directory: str, model: Optional[nn.Module], compile_with: C
     result = _compile_from_plan(plan, dense, compile_with)
     _install_state(result, _read_safetensors(directory), directory, allow_tied=True)
     return result
+
+
+def _load_checkpoint(directory: str, model: Optional[nn.Module], trust_source: bool,
+                     compile_with: Callable[..., Any]):
+    """A standard or compact folder written by `exporters.checkpoints.save_pretrained`."""
+    import json
+    from .exporters.checkpoints import read_checkpoint_state
+    with open(os.path.join(directory, CHECKPOINT_PLAN)) as f:
+        plan = json.load(f)
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        raise ModelLoadError(f"{directory!r}: {CHECKPOINT_PLAN} is not a sift-compiler plan (format {FORMAT})")
+    if model is not None:
+        dense = model
+    elif plan.get("dense_config"):
+        dense = _dense_from_config_dict(plan["dense_config"], plan.get("model_class"), directory)
+    else:
+        dense = _rebuild_source(plan.get("source"), trust_source)
+    result = _compile_from_plan(plan, dense, compile_with)
+    _install_state(result, read_checkpoint_state(directory, plan.get("checkpoint")), directory, allow_tied=True)
+    return result
+
+
+def _dense_from_config_dict(config: Dict[str, Any], class_name: Optional[str], directory: str) -> nn.Module:
+    """The dense Hugging Face model a plan describes: its config class and model class from transformers."""
+    try:
+        import transformers
+    except ImportError:
+        raise ModelLoadError("transformers is not installed: pip install 'sift-compiler[transformers]'") from None
+    try:
+        config_class = transformers.CONFIG_MAPPING[config["model_type"]]
+    except KeyError:
+        raise ModelLoadError(f"{directory!r}: the plan's model type {config.get('model_type')!r} is not in "
+                             "transformers; pass the dense model as sift_compiler.load(path, model=...)") from None
+    cls = getattr(transformers, class_name or "", None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelLoadError(f"{directory!r}: the plan names no model class of transformers ({class_name!r}); pass "
+                             "the dense model as sift_compiler.load(path, model=...)")
+    return cls(config_class.from_dict(config))
 
 
 def _dense_from_pretrained_config(directory: str) -> nn.Module:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Optional, Sequence
 
 from ..config import ACTIVATIONS, CompileConfig
 from ..errors import UserInputError
+from ..exporters.checkpoints import FORMATS as CHECKPOINT_FORMATS
 from ..native import OUTPUTS
 from ..pipelines import transform_names, transforms_help
 from ._common import all_or_nothing, run_main, sparsity_arg
@@ -60,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=1, help="Sparse Wide: round widened channels to this multiple")
     p.add_argument("--attention-width", choices=("keep", "scale"), default="keep",
                    help="Sparse Wide on attention: keep heads x head_dim (paper), or scale it with d_model")
+    p.add_argument("--kernel-head-dims", action="store_true",
+                   help="Sparse Wide: widened head dims that attention kernels accept (multiples of 8 up to 256, "
+                        "preferring 64/80/96/128/...); the report's notes say what was chosen")
+    p.add_argument("--save-pretrained", metavar="DIR",
+                   help="write a checkpoint folder here (see --checkpoint-format; load with sift_compiler.load, "
+                        "a standard one with transformers alone)")
+    p.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS, default="auto",
+                   help="--save-pretrained: standard (a plain checkpoint of a wider model of the same class: Sparse "
+                        "Wide Hugging Face models), compact (values + bitmask), sift (the model's own "
+                        "save_pretrained), auto (default: standard where it can be, else sift with a warning)")
     p.add_argument("--capacity", type=float, default=None,
                    help="the transform's size instead of the iso-FLOP formula: wide k, parallel branches B, "
                         "factorized h and doped r as multiples of their iso-FLOP values")
@@ -112,7 +124,9 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"sift-compile: loading {args.model}", file=sys.stderr, flush=True)
     import torch
     torch.manual_seed(args.seed)  # random-weight models are reproducible (sift-check --against SPEC)
-    if args.meta and (args.output or args.onnx):
+    if args.save_pretrained and os.path.isfile(args.save_pretrained):
+        raise UserInputError(f"--save-pretrained {args.save_pretrained!r} is a file: give a folder")
+    if args.meta and (args.output or args.onnx or args.save_pretrained):
         raise UserInputError("--meta compiles without weights: there is nothing to write with -o or --onnx; "
                              "use sift.materialize(result.module, device, seed) in Python, then save or export")
     source = load_model(args.model, shape, dtype, trust_pickle=args.trust_pickle, weights=args.weights,
@@ -121,6 +135,7 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = CompileConfig(transform=args.transform, sparsity=sparsity, seed=args.seed,
                            keep_dense=tuple(args.keep_dense), activation=args.activation, linear_norm=args.linear_norm,
                            round_to=args.round_to, attention_width=args.attention_width, strict=args.strict,
+                           kernel_head_dims=args.kernel_head_dims,
                            budget=args.budget, capacity=args.capacity, flop_tolerance=args.flop_tolerance)
     options = dict(progress=sys.stderr if args.verbose else None, model_name=args.model,
                    source={"spec": args.model, "family": source.family, "weights": args.weights},
@@ -149,6 +164,9 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.output:
             result.save(args.output)
             written.append(args.output)
+        if args.save_pretrained:  # last: a folder, written whole or not at all by itself
+            kind = result.save_pretrained(args.save_pretrained, format=args.checkpoint_format)
+            print(f"sift-compile: wrote {args.save_pretrained} ({kind} checkpoint)", file=sys.stderr)
     for path in written:
         print(f"sift-compile: wrote {path}", file=sys.stderr)
     return 1 if outcome == "not-for-deepsparse" else 0

@@ -30,7 +30,9 @@ class RewriteOptions:
     """What a rewrite pass needs from the `CompileConfig`, frozen (passes never read it globally).
 
     ``activation``/``linear_norm``: sigma after sparse Linears (`sigma`); ``seed``: the streams of
-    tensors a rewrite redraws itself (Sparse Wide's parameters read by the graph).
+    tensors a rewrite redraws itself (Sparse Wide's parameters read by the graph);
+    ``kernel_head_dims``: Sparse Wide rounds widened attention head dims to sizes attention
+    kernels accept (`sparse_wide.kernel_head_dim`).
     """
 
     sparsity: float
@@ -40,11 +42,13 @@ class RewriteOptions:
     activation: str = "auto"
     linear_norm: bool = False
     seed: int = 0
+    kernel_head_dims: bool = False  # Sparse Wide: head dims that attention kernels accept
 
     @staticmethod
     def of(config: CompileConfig) -> "RewriteOptions":
         return RewriteOptions(config.sparsity, config.capacity, config.round_to, activation=config.activation,
-                              linear_norm=config.linear_norm, seed=config.seed)
+                              linear_norm=config.linear_norm, seed=config.seed,
+                              kernel_head_dims=config.kernel_head_dims)
 
 
 def sigma(layer: nn.Module, width: int, activation: str, linear_norm: bool) -> Tuple[Optional[nn.Module], nn.Module]:

@@ -66,6 +66,42 @@ def _heads(axes, expr, depth: int = 0):
     return None
 
 
+# Head sizes FlashAttention, SDPA's fused kernels and vLLM's attention backends all accept; other
+# multiples of 8 up to 256 run on FlashAttention and SDPA.
+KERNEL_HEAD_DIMS = (32, 64, 80, 96, 112, 120, 128, 192, 256)
+KERNEL_MAX_HEAD_DIM = 256
+
+
+def kernel_head_dim(target: float, multiple: int = 1) -> Optional[int]:
+    """The head dim attention kernels accept nearest to ``target``: one of `KERNEL_HEAD_DIMS`
+    within 12.5% of it, else the nearest multiple of 8 (and of ``multiple``) up to 256; None when
+    ``multiple`` leaves no such size.
+
+    >>> kernel_head_dim(64 * 2 ** 0.5), kernel_head_dim(16 * 2 ** 0.5), kernel_head_dim(128 * 3.16)
+    (96, 24, 256)
+    """
+    step = math.lcm(8, multiple)
+    allowed = list(range(step, KERNEL_MAX_HEAD_DIM + 1, step))
+    if not allowed:
+        return None
+    preferred = [d for d in KERNEL_HEAD_DIMS if d % step == 0 and abs(d - target) <= 0.125 * target]
+    return min(preferred or allowed, key=lambda d: (abs(d - target), d))
+
+
+def _head_dim_roots(axes, expr, depth: int = 0) -> List[int]:
+    """The roots of the head dims in ``expr`` (heads x head_dim, or sums of them)."""
+    if depth > 8:
+        return []
+    if isinstance(expr, Sym):
+        definition = axes.definition.get(axes.root(expr))
+        return _head_dim_roots(axes, definition, depth + 1) if definition is not None else []
+    if isinstance(expr, Prod) and len(expr.factors) >= 2 and isinstance(expr.factors[-1], Sym):
+        return [axes.root(expr.factors[-1])]
+    if isinstance(expr, Sum):
+        return [r for term in expr.terms for r in _head_dim_roots(axes, term, depth + 1)]
+    return []
+
+
 def _heads_rule(coupling: CouplingResult) -> None:
     """The residual stream feeding q/k/v projections rounds to a multiple of the heads."""
     axes = coupling.axes
@@ -84,8 +120,10 @@ class SparseWidePass(Pass):
     widens = True  # channel counts change, so round_to applies (TransformSpec.widens)
 
     def __init__(self, sparsity: float, round_to: int = 1, defer_init: bool = False,
-                 factor: Optional[float] = None, options: Optional[RewriteOptions] = None) -> None:
+                 factor: Optional[float] = None, options: Optional[RewriteOptions] = None,
+                 kernel_head_dims: bool = False) -> None:
         self.sparsity = sparsity
+        self.kernel_head_dims = kernel_head_dims  # widened head dims rounded for attention kernels
         self.round_to = round_to
         self.factor = widening_factor(sparsity) if factor is None else factor  # k, or the capacity asked for
         self.defer_init = defer_init  # see LayerRewritePass
@@ -96,9 +134,15 @@ class SparseWidePass(Pass):
         table = unit.analyses.get(LayerAnalysis)
         _heads_rule(coupling)
         axes = coupling.axes
+        head_dims = {r for entry in coupling.modules.values() if "out" in entry
+                     for r in _head_dim_roots(axes, entry["out"])} if self.kernel_head_dims else set()
 
         def widen(root: int, size: int, multiple: int) -> int:
             multiple = math.lcm(multiple, self.round_to)
+            if root in head_dims:
+                size_for_kernels = kernel_head_dim(size * self.factor, multiple)
+                if size_for_kernels is not None:
+                    return size_for_kernels
             return round_to_multiple(size * self.factor, multiple, minimum=multiple)
         size_of = axes.solve(widen)
         gm = unit.module
@@ -108,6 +152,8 @@ class SparseWidePass(Pass):
         self._rewrite_literals(unit, coupling, size_of)
         self._rescale_attention(unit, coupling, size_of)
         unit.notes.extend(self._group_notes(coupling, size_of))
+        if self.kernel_head_dims:
+            unit.notes.append(self._head_dim_note(axes, head_dims, size_of))
         unit.notes.extend(dict.fromkeys(coupling.notes))
         finish_edits(unit)
         return PassResult(True)
@@ -259,6 +305,13 @@ class SparseWidePass(Pass):
                 scale = node.kwargs["scale"] * math.sqrt(old / new)
                 unit.rewrites.literal(node, node.kwargs["scale"], scale)
                 node.kwargs = {**node.kwargs, "scale": scale}
+
+    def _head_dim_note(self, axes, head_dims, size_of) -> str:
+        """What the widened head dims became, against k x their size."""
+        sizes = sorted({(axes.size[r], size_of(Sym(r))) for r in head_dims})
+        widened = [f"{a}->{b} (k x {a} = {a * self.factor:.1f})" for a, b in sizes if a != b]
+        return "head dims for attention kernels: " + (", ".join(widened) or "none widened (attention_width "
+                                                       "'keep' keeps them, or none was found)")
 
     def _group_notes(self, coupling: CouplingResult, size_of) -> List[str]:
         axes = coupling.axes
