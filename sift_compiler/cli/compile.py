@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear-norm", action="store_true",
                    help="add a LayerNorm to sigma after sparse Linear layers (Parallel, Factorized)")
     p.add_argument("--round-to", type=int, default=1, help="Sparse Wide: round widened channels to this multiple")
+    p.add_argument("--pattern", default="unstructured",
+                   help="mask pattern: unstructured (default) or N:M, e.g. 2:4 at --sparsity 0.5 for GPU 2:4 kernels "
+                        "(transposable N:M masks; Sparse Wide rounds its widths to multiples of M)")
     p.add_argument("--attention-width", choices=("keep", "scale"), default="keep",
                    help="Sparse Wide on attention: keep heads x head_dim (paper), or scale it with d_model")
     p.add_argument("--capacity", type=float, default=None,
@@ -121,7 +124,8 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = CompileConfig(transform=args.transform, sparsity=sparsity, seed=args.seed,
                            keep_dense=tuple(args.keep_dense), activation=args.activation, linear_norm=args.linear_norm,
                            round_to=args.round_to, attention_width=args.attention_width, strict=args.strict,
-                           budget=args.budget, capacity=args.capacity, flop_tolerance=args.flop_tolerance)
+                           budget=args.budget, capacity=args.capacity, flop_tolerance=args.flop_tolerance,
+                           pattern=args.pattern)
     options = dict(progress=sys.stderr if args.verbose else None, model_name=args.model,
                    source={"spec": args.model, "family": source.family, "weights": args.weights},
                    output=args.output_form)
