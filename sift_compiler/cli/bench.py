@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of weights and masks for model specs (default 0)")
     p.add_argument("--json", help="write all results as JSON here")
     p.add_argument("--plot", help="write the latency-against-sparsity plot here (.png, .pdf, .svg)")
+    p.add_argument("--trust-source", action="store_true",
+                   help="torch runtimes: a MODEL.sift.pt whose model is user code (package.module:callable) may "
+                        "import and run that code to rebuild it (spec models compiled in this run always may)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", "-v", action="store_true", help="log details and show tracebacks")
     return p
@@ -85,7 +88,8 @@ def _engines(text: str) -> List[str]:
     for name, reason in missing.items():
         print(f"sift-bench: {name} left out: {reason}", file=sys.stderr)
     if missing:
-        print(f"sift-bench: running {', '.join(e for e in engines if e not in missing)}", file=sys.stderr)
+        left = [e for e in engines if e not in missing]
+        print(f"sift-bench: running {', '.join(left)}{' alone' if len(left) == 1 else ''}", file=sys.stderr)
     return [e for e in engines if e not in missing]
 
 
@@ -125,6 +129,8 @@ def _collect_models(args, out_dir: str):
         variants = export_variants(item, args.transforms, args.sparsity or [], out_dir, input_shape=shape,
                                    input_dtype=dtype, form=args.form, seed=args.seed, log=sys.stderr,
                                    save_compiled=bool(set(args.engine_list) & set(TORCH_ENGINES)))
+        for v in variants:
+            v.model.compiled_here = True
         models += [v.model for v in variants]
     return models
 
@@ -151,7 +157,7 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               flush=True)
         results = run_benchmarks(models, engines, args.batch_size, args.iterations, args.warmup, args.num_cores,
                                  progress=not args.no_progress, input_shapes=shapes, seed=args.seed,
-                                 rounds=args.rounds, load_torch=_load_torch)
+                                 rounds=args.rounds, load_torch=lambda path: _load_torch(path, args, models))
     print(results_table(results))
     for line in _notes(results):
         print(f"note: {line}")
@@ -171,10 +177,12 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 1 if failed else 0
 
 
-def _load_torch(path: str):
-    """The compiled module of a ``.sift.pt`` (no code from the file runs: `sift_compiler.load`)."""
+def _load_torch(path: str, args: argparse.Namespace, models):
+    """The compiled module of a ``.sift.pt`` (`sift_compiler.load`); code a file names is imported only with
+    --trust-source, or for the spec models this run compiled (``compiled_here``)."""
     from ..serialize import load
-    return load(path).module
+    ours = any(m.torch_path == path and m.compiled_here for m in models)
+    return load(path, trust_source=args.trust_source or ours).module
 
 
 def _notes(results) -> List[str]:

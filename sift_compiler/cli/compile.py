@@ -162,6 +162,7 @@ def _write_onnx(result, source, args, written, compile_with):
     """Export (the outcome policy: exporters/outcome.py; onnxruntime is checked against torch there);
     returns the model written and the outcome."""
     from ..exporters.outcome import export_with_compile_remedies
+    from ._common import deepsparse_absent_line
     mode = "skip" if args.no_deepsparse_check else args.deepsparse
     result, info, recompiled = export_with_compile_remedies(result, compile_with, source.args, args.onnx,
                                                             source.kwargs, opset=args.opset, deepsparse=mode)
@@ -173,6 +174,10 @@ def _write_onnx(result, source, args, written, compile_with):
         print(f"sift-compile: note: {note}", file=sys.stderr)
     if getattr(info, "verification", None) is not None and not args.quiet:
         print(info.verification.table())
+    if getattr(info, "verification", None) is not None:
+        line = deepsparse_absent_line(info.verification)
+        if line:
+            print(f"sift-compile: {line}", file=sys.stderr)
     if info.outcome == "not-for-deepsparse":
         print(f"sift-compile: {args.onnx}: written for onnxruntime; DeepSparse must not run it: "
               f"{info.deepsparse_reason}", file=sys.stderr)

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import ExportError
+from ..errors import ExportError, SiftError
 from .forms import has_export_forms
 from .inputs import batch_of, input_specs, random_feeds
 from .runtimes import TORCH_ENGINES, open_engine
@@ -40,6 +40,7 @@ class BenchModel:
     form: str = ""                  # the export form of Sparse Parallel layers, when it matters
     not_for_deepsparse: str = ""    # why the exporter marked the file as not for DeepSparse (exporters/outcome.py)
     torch_path: str = ""            # the compiled torch model of the file (.sift.pt), for the torch engines
+    compiled_here: bool = False     # compiled by this run from a spec (its torch model may be rebuilt from code)
 
 
 @dataclass
@@ -156,7 +157,10 @@ def run_benchmarks(models: Sequence[BenchModel], engines: Sequence[str], batch_s
         if not model.torch_path or load_torch is None:
             return None
         if model.torch_path not in modules:
-            modules[model.torch_path] = load_torch(model.torch_path)
+            try:
+                modules[model.torch_path] = load_torch(model.torch_path)
+            except SiftError as e:   # e.g. user code it may not import: the torch rows say why
+                modules[model.torch_path] = e
         return modules[model.torch_path]
     total = rounds * len(models) * len(engines) * (warmup + iterations)
     with tqdm(total=total, desc="sift-bench", unit="batch", disable=not progress, leave=False) as bar:
@@ -196,9 +200,10 @@ def _time_one(model: BenchModel, name: str, feeds, batch_size: int, num_cores: O
     if name == "deepsparse" and model.not_for_deepsparse:
         result.error = f"the exporter marked the file not for DeepSparse: {model.not_for_deepsparse}"
         return result
-    if name in TORCH_ENGINES and module is None:
+    if name in TORCH_ENGINES and (module is None or isinstance(module, Exception)):
         result.error = (f"{name} runs the compiled torch model; {model.path} has no "
-                        f"{os.path.basename(model.path)[:-5]}.sift.pt beside it (sift-compile -o)")
+                        f"{os.path.basename(model.path)[:-5]}.sift.pt beside it (sift-compile -o)") if module is None \
+            else f"{name} cannot load {model.torch_path}: {module}"
         result.skipped = True
         return result
     start = time.perf_counter()

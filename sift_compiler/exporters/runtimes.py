@@ -215,7 +215,8 @@ def _openvino(path: str, num_cores: Optional[int], input_shapes, sparse: bool):
     """An OpenVINO CPU model compiled for ``input_shapes`` (static shapes run fastest); one infer request."""
     import openvino as ov
     core = ov.Core()
-    config: Dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
+    # f32: on CPUs with bf16 (AVX512-BF16, AMX) OpenVINO otherwise computes in bf16 (1e-3 off, and not the same race)
+    config: Dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     if num_cores:
         config["INFERENCE_NUM_THREADS"] = num_cores
     if sparse:

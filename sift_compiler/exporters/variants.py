@@ -65,7 +65,8 @@ def export_variants(spec: str, transforms: Sequence[str], sparsities: Sequence[f
             print(f"sift: compiling and exporting {label} (input {source.describe_input()})", file=log, flush=True)
         start = time.perf_counter()
         config = CompileConfig(transform=transform, sparsity=sparsity, seed=seed)
-        result = sift_compile(source.module, config, source.args, source.kwargs, model_name=spec)
+        result = sift_compile(source.module, config, source.args, source.kwargs, model_name=spec,
+                              source={"spec": spec, "family": source.family, "weights": weights})
         compiled = time.perf_counter() - start
         path = os.path.join(out_dir, f"{label}.onnx")
         start = time.perf_counter()
