@@ -9,6 +9,7 @@ Sparse Wide is compiled by sift at s = 0.5 with ``pattern="2:4"`` (k = sqrt 2, w
 * ``wide 2:4``: `sift_compiler.deploy.to_semi_structured` (cuSPARSELt, or CUTLASS without it)
 * ``wide masked``: the compiled module as trained (``W * M`` every forward, dense GEMMs)
 * ``wide baked``: masks baked into plain ``nn.Linear`` weights (dense GEMMs over exact zeros)
+* ``wide 2:4 torchao``: (when torchao is installed) torchao's ``sparsify_(..., semi_sparse_weight())``
 
 Forward latency of one batch of ``--tokens`` tokens under ``torch.no_grad()``, CUDA events, the
 variants interleaved over ``--rounds`` rounds (median of each round's median); ratios are against
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -115,11 +117,25 @@ def measure(name: str, dtype_name: str, args) -> Dict[str, object]:
                 "wide baked": bake_masks(result.module).to(device, dtype)}
     plan = semi_structured_plan(variants["wide masked"], dtype)
     variants["wide 2:4"] = to_semi_structured(copy.deepcopy(variants["wide masked"]), dtype, strict=True)
+    torchao_error = ""
+    if importlib.util.find_spec("torchao") is not None:  # torchao's 2:4 path, when installed, for comparison
+        try:
+            from torchao.sparsity import semi_sparse_weight, sparsify_
+            swapped = {p.name for p in plan if p.swapped}
+            variants["wide 2:4 torchao"] = copy.deepcopy(variants["wide baked"])
+            sparsify_(variants["wide 2:4 torchao"], semi_sparse_weight(), filter_fn=lambda m, fqn: fqn in swapped)
+        except Exception as e:  # an API change must not cost the other numbers
+            variants.pop("wide 2:4 torchao", None)
+            torchao_error = f"{type(e).__name__}: {e}"
     x = torch.randn(args.tokens, MODELS[name]["d_model"], device=device, dtype=dtype)
     with torch.no_grad():
         reference = variants["wide baked"](x).float()
         got = variants["wide 2:4"](x).float()
     error = float((got - reference).abs().max() / reference.abs().max())
+    if "wide 2:4 torchao" in variants:
+        with torch.no_grad():
+            got_ao = variants["wide 2:4 torchao"](x).float()
+        torchao_error = f"max relative error vs baked {float((got_ao - reference).abs().max() / reference.abs().max()):.1e}"
     per_round: Dict[str, List[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for label, model in variants.items():
@@ -128,18 +144,21 @@ def measure(name: str, dtype_name: str, args) -> Dict[str, object]:
     return {"model": name, "dtype": dtype_name, "tokens": args.tokens, "blocks": args.blocks,
             "dense_widths": {k: MODELS[name][k] for k in ("d_model", "ffn")}, "wide_widths": widths,
             "swapped_layers": sum(p.swapped for p in plan), "sparse_layers": len(plan),
-            "max_rel_error_24_vs_baked": error, "median_ms": ms, "rounds_ms": per_round,
+            "max_rel_error_24_vs_baked": error, "torchao": torchao_error or "not installed", "median_ms": ms, "rounds_ms": per_round,
             "vs_dense": {label: ms[label] / ms["dense"] for label in ms}}
 
 
 def print_table(rows: List[Dict[str, object]]) -> None:
     labels = ["dense", "wide 2:4", "wide masked", "wide baked"]
+    labels += ["wide 2:4 torchao"] if all("wide 2:4 torchao" in r["median_ms"] for r in rows) else []
     print(f"{'model':<6} {'dtype':<5} " + " ".join(f"{label + ' ms':>15}" for label in labels)
           + " " + " ".join(f"{label + ' / dense':>19}" for label in labels[1:]) + "  2:4 err")
     for r in rows:
         ms, ratio = r["median_ms"], r["vs_dense"]
         print(f"{r['model']:<6} {r['dtype']:<5} " + " ".join(f"{ms[label]:>15.3f}" for label in labels)
               + " " + " ".join(f"{ratio[label]:>19.3f}" for label in labels[1:]) + f"  {r['max_rel_error_24_vs_baked']:.1e}")
+    for r in rows:
+        print(f"torchao ({r['model']} {r['dtype']}): {r['torchao']}")
     print("wide 2:4 / wide baked (what 2:4 kernels buy on the same wide model): "
           + ", ".join(f"{r['model']} {r['dtype']} {r['median_ms']['wide 2:4'] / r['median_ms']['wide baked']:.3f}"
                       for r in rows))
