@@ -7,7 +7,7 @@
 >>> print(result.report.table())
 >>> sift.export_onnx(result.module, (x,), "model.onnx")
 """
-from . import latency, sparsity
+from . import deploy, latency, sparsity
 from .api import CompileResult, compile, flops, load
 from .capture import capture, leaf_module, load_model
 from .config import CompileConfig
@@ -26,5 +26,5 @@ from .version import __version__
 __all__ = ["compile", "flops", "CompileResult", "CompileConfig", "CompilationUnit", "FlopReport", "capture",
            "leaf_module", "load_model", "export_onnx", "get_pipeline", "pipeline_names", "register_pipeline",
            "register_transform", "transform_names", "CapacityRule",
-           "load", "save", "save_pretrained", "sparsity", "init_weights", "materialize", "latency", "SiftError", "UserInputError", "ModelLoadError", "CaptureError",
+           "load", "save", "save_pretrained", "sparsity", "deploy", "init_weights", "materialize", "latency", "SiftError", "UserInputError", "ModelLoadError", "CaptureError",
            "PassError", "ExportError", "UnsupportedOpError"]

@@ -82,7 +82,8 @@ def compile(model: nn.Module, transform: Union[str, CompileConfig] = "parallel",
             progress: Optional[TextIO] = None, model_name: str = "", source: Optional[Dict[str, Any]] = None,
             output: str = "auto", budget: str = "flops", capacity: Optional[float] = None,
             runtime: Optional[str] = None, latency: Optional[Any] = None,
-            strict: bool = False, flop_tolerance: Optional[float] = None) -> CompileResult:
+            strict: bool = False, flop_tolerance: Optional[float] = None,
+            pattern: str = "unstructured") -> CompileResult:
     """Capture ``model`` and rewrite it with a Sparse-IFT transform at equal FLOPs.
 
     >>> import sift_compiler as sift, torch, torchvision
@@ -98,7 +99,7 @@ def compile(model: nn.Module, transform: Union[str, CompileConfig] = "parallel",
     "factorized", "doped", "wide", or one added with `pipelines.register_transform`), or a whole
     `CompileConfig`; then the next positional arguments are ``example_inputs`` (and
     ``example_kwargs``) and the options the config holds (sparsity, seed, keep_dense, activation,
-    linear_norm, round_to, attention_width, kernel_head_dims, budget, capacity, strict, flop_tolerance) must not be
+    linear_norm, round_to, attention_width, kernel_head_dims, budget, capacity, strict, flop_tolerance, pattern) must not be
     passed again. ``sparsity``: s in [0, 1) (default 0.75). ``seed`` fixes the masks and every new
     weight (the caller's torch RNG state is neither used nor advanced). The user's ``model`` is not
     modified. A transform that could not be applied as asked (layers kept at width, s' far from s:
@@ -115,13 +116,15 @@ def compile(model: nn.Module, transform: Union[str, CompileConfig] = "parallel",
     size and the ratio allowed); ``result.latency`` then holds the measurements.
     ``flop_tolerance``: None checks iso-FLOP up to what rounding explains (a `PostconditionError`
     beyond it); a number allows ``|sift/dense - 1|`` up to it instead.
+    ``pattern="2:4"`` (any "N:M") draws transposable N:M masks at s = 1 - N/M, e.g.
+    ``compile(model, "wide", 0.5, (x,), pattern="2:4")`` for GPU 2:4 kernels (`CompileConfig`).
     """
     if isinstance(transform, CompileConfig):
         config = transform
         example_inputs, example_kwargs = _inputs_after_config(sparsity, example_inputs, example_kwargs)
         passed = dict(seed=seed, keep_dense=tuple(keep_dense), activation=activation, linear_norm=linear_norm,
                       round_to=round_to, attention_width=attention_width, kernel_head_dims=kernel_head_dims,
-                      budget=budget, capacity=capacity, strict=strict, flop_tolerance=flop_tolerance)
+                      budget=budget, capacity=capacity, strict=strict, flop_tolerance=flop_tolerance, pattern=pattern)
         defaults = CompileConfig()
         twice = [k for k, v in passed.items() if v != getattr(defaults, k)]
         if twice:
@@ -132,7 +135,7 @@ def compile(model: nn.Module, transform: Union[str, CompileConfig] = "parallel",
                                keep_dense=tuple(keep_dense), activation=activation, linear_norm=linear_norm,
                                round_to=round_to, attention_width=attention_width,
                                kernel_head_dims=kernel_head_dims, capacity=capacity,
-                               budget=budget, strict=strict, flop_tolerance=flop_tolerance)
+                               budget=budget, strict=strict, flop_tolerance=flop_tolerance, pattern=pattern)
     return compile_config(model, config, example_inputs, example_kwargs, capture_method=capture_method,
                           progress=progress, model_name=model_name, source=source, output=output,
                           runtime=runtime, latency=latency)

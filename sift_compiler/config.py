@@ -7,6 +7,7 @@ from typing import Any, Optional, Tuple
 
 from .errors import UserInputError
 from .registry import get_transform, transform_names
+from .sparsity.nm import parse_nm_pattern as parse_pattern
 
 BUDGETS = ("flops", "latency")
 ACTIVATIONS = ("auto", "relu", "gelu", "silu")
@@ -41,6 +42,13 @@ class CompileConfig:
     preferring 32/64/80/96/112/120/128/192/256 within 12.5% (`passes.sparse_wide.kernel_head_dim`);
     the report's notes say what it chose.
 
+    ``pattern``: "unstructured" (default: exact-count random masks) or "N:M" such as "2:4": every
+    sparse layer gets a transposable N:M mask (`sparsity.nm`) at exactly s = 1 - N/M, which
+    ``sparsity`` must then equal. The sparse layers are not compensated (they stay at N/M, so the
+    result is near iso-FLOP, not exactly: the report gives the ratio), and Sparse Wide rounds its
+    widened channels to multiples of M (``round_to`` becomes lcm(round_to, M)). "2:4" at s = 0.5
+    (k = sqrt 2) is the pattern GPU 2:4 kernels run (`sift_compiler.deploy.to_semi_structured`).
+
     ``transform`` is any name in the transform registry (`registry.transform_names`), including
     ones registered with `registry.register_transform`.
     """
@@ -58,6 +66,7 @@ class CompileConfig:
     capacity: Optional[float] = None  # the transform's size, overriding the iso-FLOP formula (see above)
     budget: str = "flops"             # "flops": iso-FLOP compensation; "latency": sparse layers stay at s
     strict: bool = False              # a transform not applied as asked is an error, not a warning
+    pattern: str = "unstructured"     # or "N:M" (e.g. "2:4"): transposable N:M masks at s = 1 - N/M
 
     def __post_init__(self) -> None:
         validate_sparsity(self.sparsity, allow_zero=True)
@@ -77,6 +86,21 @@ class CompileConfig:
         if self.flop_tolerance is not None and not (isinstance(self.flop_tolerance, (int, float))
                                                     and 0 < self.flop_tolerance < 1):
             raise UserInputError(f"flop_tolerance must lie in (0, 1), got {self.flop_tolerance}")
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            n, m = nm
+            if self.transform == "none":
+                raise UserInputError(f"pattern {self.pattern!r} needs a Sparse-IFT transform (the dense baseline has "
+                                     "no masks): pass transform='wide' (or another)")
+            if abs(self.sparsity - (1 - n / m)) > 1e-9:
+                raise UserInputError(f"pattern {self.pattern!r} fixes the sparsity at {1 - n / m:g} (N of every M "
+                                     f"weights kept), got sparsity={self.sparsity:g}: pass sparsity={1 - n / m:g}")
+            object.__setattr__(self, "round_to", math.lcm(self.round_to, m))  # frozen: set once, here
+
+    @property
+    def nm(self) -> Optional[Tuple[int, int]]:
+        """(N, M) for an N:M ``pattern``, None for unstructured masks."""
+        return parse_pattern(self.pattern)
 
     @property
     def density(self) -> float:
@@ -86,7 +110,8 @@ class CompileConfig:
     def iso_flop(self) -> bool:
         """Is the result meant to cost what the dense model does? (not for "none", a latency
         budget, an explicit capacity, or a transform registered as not iso-FLOP)"""
-        return get_transform(self.transform).iso_flop and self.budget == "flops" and self.capacity is None
+        return (get_transform(self.transform).iso_flop and self.budget == "flops" and self.capacity is None
+                and self.nm is None)
 
 
 def config_of(module: Any) -> Optional[CompileConfig]:

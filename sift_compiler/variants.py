@@ -41,8 +41,12 @@ def family_name(spec: str) -> str:
 def export_variants(spec: str, transforms: Sequence[str], sparsities: Sequence[float], out_dir: str, *,
                     input_shape: Optional[Tuple[int, ...]] = None, input_dtype=None, weights: Optional[str] = None,
                     form: str = DEFAULT_FORM, seed: int = 0, opset: int = 17, deepsparse: str = "auto",
-                    log: Optional[TextIO] = None, include_dense: bool = True) -> List[Variant]:
+                    log: Optional[TextIO] = None, include_dense: bool = True,
+                    save_compiled: bool = False) -> List[Variant]:
     """The dense model (``include_dense``) and every transform x sparsity, exported into ``out_dir``.
+
+    ``save_compiled`` also writes each compiled model beside its file (``LABEL.sift.pt``, for the
+    torch engines of `bench`).
 
     ``log``: where to say what is being compiled (e.g. ``sys.stderr``); silent by default.
     """
@@ -61,7 +65,8 @@ def export_variants(spec: str, transforms: Sequence[str], sparsities: Sequence[f
             print(f"sift: compiling and exporting {label} (input {source.describe_input()})", file=log, flush=True)
         start = time.perf_counter()
         config = CompileConfig(transform=transform, sparsity=sparsity, seed=seed)
-        result = sift_compile(source.module, config, source.args, source.kwargs, model_name=spec)
+        result = sift_compile(source.module, config, source.args, source.kwargs, model_name=spec,
+                              source={"spec": spec, "family": source.family, "weights": weights})
         compiled = time.perf_counter() - start
         path = os.path.join(out_dir, f"{label}.onnx")
         start = time.perf_counter()
@@ -69,8 +74,12 @@ def export_variants(spec: str, transforms: Sequence[str], sparsities: Sequence[f
                            deepsparse=deepsparse)
         exported = time.perf_counter() - start
         effective = result.report.effective_sparsity
+        torch_path = ""
+        if save_compiled:
+            torch_path = os.path.join(out_dir, f"{label}.sift.pt")
+            result.save(torch_path)
         entry = BenchModel(label, path, transform, sparsity if transform != "none" else 0.0, family,
-                           form if has_export_forms(transform) else "", info.deepsparse_reason)
+                           form if has_export_forms(transform) else "", info.deepsparse_reason, torch_path)
         if log and effective is not None and transform != "none":
             print(f"sift: {label}: sparse layers at s' = {effective:.4f} (iso-FLOP compensation)", file=log)
         variants.append(Variant(entry, info, compiled, exported))

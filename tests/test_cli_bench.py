@@ -82,7 +82,7 @@ def test_without_deepsparse_it_says_how_to_install_and_runs_onnxruntime(files):
 @pytest.mark.parametrize("argv, message", [
     ([SPEC], "--sparsity is required to compile test_cli_bench:tiny_net"),
     (["missing.onnx"], "ONNX file 'missing.onnx' does not exist"),
-    (["x.onnx", "--engines", "tensorrt"], "--engines 'tensorrt': choose from deepsparse, onnxruntime"),
+    (["x.onnx", "--engines", "tensorrt"], "--runtime 'tensorrt': choose from deepsparse, onnxruntime, openvino"),
     ([SPEC, "--transform", "wider", "--sparsity", "0.5"], "unknown transform 'wider'"),
     (["x.onnx", "--batch-size", "0"], "--batch-size must be at least 1"),
 ], ids=["spec-without-sparsity", "missing-file", "unknown-engine", "unknown-transform", "zero-batch"])

@@ -87,3 +87,14 @@ def all_or_nothing() -> Iterator[List[str]]:
             with contextlib.suppress(OSError):
                 os.remove(path)
         raise
+
+
+def deepsparse_absent_line(verification) -> str:
+    """One line when DeepSparse could not check a file here (why, and which runtimes did), else ''."""
+    from ..exporters.checks import deepsparse_absence, runtimes_that_checked
+    reason = deepsparse_absence(verification)
+    if not reason:
+        return ""
+    others = runtimes_that_checked(verification)
+    return (f"DeepSparse was not there ({reason}); checked on {' and '.join(others) or 'no other runtime'} "
+            "instead")

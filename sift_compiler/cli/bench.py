@@ -1,4 +1,4 @@
-"""sift-bench: latency and throughput of ONNX models on DeepSparse and onnxruntime, side by side.
+"""sift-bench: latency and throughput of models on DeepSparse, onnxruntime, OpenVINO and torch, side by side.
 
 Exit 0 when every model ran on every engine; 1 when some could not (a DeepSparse abort, a file the
 exporter marked not for DeepSparse: its row says FAILED and why, the others are timed); 2 on bad input.
@@ -7,8 +7,13 @@ exporter marked not for DeepSparse: its row says FAILED and why, the others are 
     sift-bench torchvision:resnet18 --transform parallel --sparsity 0.5,0.75,0.9 --batch-size 16
 
 MODEL is an ONNX file, or a model spec as for sift-compile: then the dense baseline and every
---transform x --sparsity variant are compiled, exported (verified) and benchmarked. Without
-DeepSparse installed, it says how to install it and runs onnxruntime alone.
+--transform x --sparsity variant are compiled, exported (verified) and benchmarked. --runtime
+takes any of deepsparse, onnxruntime, openvino, openvino-sparse, torch, torch-compile, torch-csr;
+one that is not installed is left out with one line saying how to install it. The torch runtimes
+run the compiled model (MODEL.sift.pt beside MODEL.onnx, as sift-compile -o writes it; spec
+models have theirs); a file without one gets a skipped row.
+
+    sift-bench r18.onnx --runtime onnxruntime,openvino,torch,torch-csr     # r18.sift.pt beside it
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..exporters.runtimes import ENGINES
     p = argparse.ArgumentParser(
         prog="sift-bench",
-        description="Benchmark ONNX models on DeepSparse and onnxruntime side by side: latency (median, p90) "
+        description="Benchmark models on DeepSparse, onnxruntime, OpenVINO and torch side by side: latency (median, p90) "
                     "and throughput, as a table, JSON and a latency-against-sparsity plot (paper Figure 3).",
         epilog="MODEL: FILE.onnx, or torchvision:NAME | timm:NAME | transformers:TYPE | package.module:callable "
                "(compiled with each --transform at each --sparsity, plus the dense baseline).")
@@ -41,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", "-s", type=sparsity_list_arg, default=None,
                    help="comma list of sparsities for model specs, e.g. 0.5,0.75,0.9 (required with a spec)")
     p.add_argument("--batch-size", "-b", type=int, default=64, help="samples per batch (default 64, as the paper)")
-    p.add_argument("--engines", default="deepsparse,onnxruntime",
-                   help=f"comma list of engines: {', '.join(ENGINES)} (default both)")
+    p.add_argument("--runtime", "--engines", dest="engines", default="deepsparse,onnxruntime",
+                   help=f"comma list of runtimes: {', '.join(ENGINES)} (default deepsparse,onnxruntime)")
     p.add_argument("--iterations", "-n", type=int, default=10, help="timed batches per model and engine (default 10)")
     p.add_argument("--warmup", "-w", type=int, default=2, help="untimed batches first (default 2)")
     p.add_argument("--rounds", type=int, default=1,
@@ -57,26 +62,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of weights and masks for model specs (default 0)")
     p.add_argument("--json", help="write all results as JSON here")
     p.add_argument("--plot", help="write the latency-against-sparsity plot here (.png, .pdf, .svg)")
+    p.add_argument("--trust-source", action="store_true",
+                   help="torch runtimes: a MODEL.sift.pt whose model is user code (package.module:callable) may "
+                        "import and run that code to rebuild it (spec models compiled in this run always may)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", "-v", action="store_true", help="log details and show tracebacks")
     return p
 
 
 def _engines(text: str) -> List[str]:
+    """The runtimes asked for that can run here; one line for each left out (an error when none is left)."""
     from ..errors import UserInputError
-    from ..exporters.runtimes import ENGINES, deepsparse_status
-    engines = [e.strip() for e in text.split(",") if e.strip()]
+    from ..exporters.runtimes import ENGINES, engine_status
+    engines = list(dict.fromkeys(e.strip() for e in text.split(",") if e.strip()))
     unknown = [e for e in engines if e not in ENGINES]
     if unknown or not engines:
-        raise UserInputError(f"--engines {text!r}: choose from {', '.join(ENGINES)}")
-    if "deepsparse" in engines:
-        usable, reason = deepsparse_status()
+        raise UserInputError(f"--runtime {text!r}: choose from {', '.join(ENGINES)}")
+    missing = {}
+    for name in engines:
+        usable, reason = engine_status(name)
         if not usable:
-            if engines == ["deepsparse"]:
-                raise UserInputError(reason)
-            print(f"sift-bench: {reason}\nsift-bench: running onnxruntime alone", file=sys.stderr)
-            engines.remove("deepsparse")
-    return engines
+            missing[name] = reason
+    if len(missing) == len(engines):
+        raise UserInputError("; ".join(missing.values()))
+    for name, reason in missing.items():
+        print(f"sift-bench: {name} left out: {reason}", file=sys.stderr)
+    if missing:
+        left = [e for e in engines if e not in missing]
+        print(f"sift-bench: running {', '.join(left)}{' alone' if len(left) == 1 else ''}", file=sys.stderr)
+    return [e for e in engines if e not in missing]
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -103,6 +117,7 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 def _collect_models(args, out_dir: str):
     from ..capture.sources import parse_dtype, parse_input_shape
     from ..exporters.bench import describe_file
+    from ..exporters.runtimes import TORCH_ENGINES
     from ..variants import export_variants
     models = []
     for item in args.models:
@@ -112,7 +127,10 @@ def _collect_models(args, out_dir: str):
         shape = parse_input_shape(args.input_shape) if args.input_shape else None
         dtype = parse_dtype(args.input_dtype) if args.input_dtype else None
         variants = export_variants(item, args.transforms, args.sparsity or [], out_dir, input_shape=shape,
-                                   input_dtype=dtype, form=args.form, seed=args.seed, log=sys.stderr)
+                                   input_dtype=dtype, form=args.form, seed=args.seed, log=sys.stderr,
+                                   save_compiled=bool(set(args.engine_list) & set(TORCH_ENGINES)))
+        for v in variants:
+            v.model.compiled_here = True
         models += [v.model for v in variants]
     return models
 
@@ -123,7 +141,7 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..exporters.weights import load_onnx
     from ..io import write_text
     _validate(args, parser)
-    engines = _engines(args.engines)
+    engines = args.engine_list = _engines(args.engines)
     with contextlib.ExitStack() as stack:
         out_dir = args.out_dir
         if out_dir:
@@ -139,7 +157,7 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               flush=True)
         results = run_benchmarks(models, engines, args.batch_size, args.iterations, args.warmup, args.num_cores,
                                  progress=not args.no_progress, input_shapes=shapes, seed=args.seed,
-                                 rounds=args.rounds)
+                                 rounds=args.rounds, load_torch=lambda path: _load_torch(path, args, models))
     print(results_table(results))
     for line in _notes(results):
         print(f"note: {line}")
@@ -157,6 +175,14 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if failed:
         print(f"sift-bench: {len(failed)} of {len(results)} runs failed (marked FAILED above)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _load_torch(path: str, args: argparse.Namespace, models):
+    """The compiled module of a ``.sift.pt`` (`sift_compiler.load`); code a file names is imported only with
+    --trust-source, or for the spec models this run compiled (``compiled_here``)."""
+    from ..serialize import load
+    ours = any(m.torch_path == path and m.compiled_here for m in models)
+    return load(path, trust_source=args.trust_source or ours).module
 
 
 def _notes(results) -> List[str]:

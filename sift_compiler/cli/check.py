@@ -157,6 +157,10 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         report = _check_file(path, args, reference)
         reports.append(report)
         print(report.table())
+    from ._common import deepsparse_absent_line
+    line = next((deepsparse_absent_line(r) for r in reports if deepsparse_absent_line(r)), "")
+    if line:  # once, not per file: it is about this machine
+        print(f"sift-check: {line}", file=sys.stderr)
     failures: List[str] = [f"{r.path}: {f}" for r in reports for f in r.failures()]
     if args.json:
         write_text(args.json, json.dumps({"ok": not failures, "files": [r.to_dict() for r in reports]}, indent=2)

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear-norm", action="store_true",
                    help="add a LayerNorm to sigma after sparse Linear layers (Parallel, Factorized)")
     p.add_argument("--round-to", type=int, default=1, help="Sparse Wide: round widened channels to this multiple")
+    p.add_argument("--pattern", default="unstructured",
+                   help="mask pattern: unstructured (default) or N:M, e.g. 2:4 at --sparsity 0.5 for GPU 2:4 kernels "
+                        "(transposable N:M masks; Sparse Wide rounds its widths to multiples of M)")
     p.add_argument("--attention-width", choices=("keep", "scale"), default="keep",
                    help="Sparse Wide on attention: keep heads x head_dim (paper), or scale it with d_model")
     p.add_argument("--kernel-head-dims", action="store_true",
@@ -136,7 +139,8 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                            keep_dense=tuple(args.keep_dense), activation=args.activation, linear_norm=args.linear_norm,
                            round_to=args.round_to, attention_width=args.attention_width, strict=args.strict,
                            kernel_head_dims=args.kernel_head_dims,
-                           budget=args.budget, capacity=args.capacity, flop_tolerance=args.flop_tolerance)
+                           budget=args.budget, capacity=args.capacity, flop_tolerance=args.flop_tolerance,
+                           pattern=args.pattern)
     options = dict(progress=sys.stderr if args.verbose else None, model_name=args.model,
                    source={"spec": args.model, "family": source.family, "weights": args.weights},
                    output=args.output_form)
@@ -176,6 +180,7 @@ def _write_onnx(result, source, args, written, compile_with):
     """Export (the outcome policy: exporters/outcome.py; onnxruntime is checked against torch there);
     returns the model written and the outcome."""
     from ..exporters.remedies import export_with_compile_remedies
+    from ._common import deepsparse_absent_line
     mode = "skip" if args.no_deepsparse_check else args.deepsparse
     result, info, recompiled = export_with_compile_remedies(result, compile_with, source.args, args.onnx,
                                                             source.kwargs, opset=args.opset, deepsparse=mode)
@@ -187,6 +192,10 @@ def _write_onnx(result, source, args, written, compile_with):
         print(f"sift-compile: note: {note}", file=sys.stderr)
     if getattr(info, "verification", None) is not None and not args.quiet:
         print(info.verification.table())
+    if getattr(info, "verification", None) is not None:
+        line = deepsparse_absent_line(info.verification)
+        if line:
+            print(f"sift-compile: {line}", file=sys.stderr)
     if info.outcome == "not-for-deepsparse":
         print(f"sift-compile: {args.onnx}: written for onnxruntime; DeepSparse must not run it: "
               f"{info.deepsparse_reason}", file=sys.stderr)

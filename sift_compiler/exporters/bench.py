@@ -1,10 +1,11 @@
-"""Timing ONNX files on DeepSparse and onnxruntime, side by side, with one protocol for both.
+"""Timing models on DeepSparse, onnxruntime, OpenVINO and torch, side by side, with one protocol for all.
 
 For each model and engine: compile the file for the batch size, run ``warmup`` untimed batches,
 then ``iterations`` timed ones (wall clock around one ``run`` call each; the same random inputs
 every time). Latency is per batch (median and 90th percentile); throughput is items per second
 over the timed runs. Engines run one after the other, never at the same time, so they do not
-compete for cores.
+compete for cores. The torch engines run the compiled model of the file (``BenchModel.torch_path``,
+loaded by ``load_torch``); a model without one gets a skipped row, not a failed one.
 
 >>> results = run_benchmarks([BenchModel("dense", "r18.onnx")], ["deepsparse", "onnxruntime"], batch_size=16)
 >>> print(results_table(results))
@@ -16,14 +17,14 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import ExportError
+from ..errors import ExportError, SiftError
 from .forms import has_export_forms
 from .inputs import batch_of, input_specs, random_feeds
-from .runtimes import open_engine
+from .runtimes import TORCH_ENGINES, open_engine
 from .weights import META_EXPORT, get_metadata, load_onnx, not_for_deepsparse
 
 
@@ -38,6 +39,8 @@ class BenchModel:
     family: str = ""                # models of one family share a dense baseline ("resnet18")
     form: str = ""                  # the export form of Sparse Parallel layers, when it matters
     not_for_deepsparse: str = ""    # why the exporter marked the file as not for DeepSparse (exporters/outcome.py)
+    torch_path: str = ""            # the compiled torch model of the file (.sift.pt), for the torch engines
+    compiled_here: bool = False     # compiled by this run from a spec (its torch model may be rebuilt from code)
 
 
 @dataclass
@@ -58,10 +61,11 @@ class BenchResult:
     engine_description: str = ""
     compile_s: float = 0.0
     error: str = ""                 # why this engine could not time the model (the row is marked failed)
+    skipped: bool = False           # the engine does not take this kind of model (``error`` says why): not a failure
 
     @property
     def failed(self) -> bool:
-        return bool(self.error)
+        return bool(self.error) and not self.skipped
 
     @property
     def median_ms(self) -> float:
@@ -96,7 +100,9 @@ def describe_file(path: str, label: Optional[str] = None, family: str = "") -> B
             transform = "none"  # no zeros to speak of: treat it as a dense model
     name = label or os.path.splitext(os.path.basename(path))[0]
     form = str(meta.get("form", "")) if has_export_forms(transform) else ""
-    return BenchModel(name, path, transform, sparsity, family, form, not_for_deepsparse(model) or "")
+    torch_path = path[:-len(".onnx")] + ".sift.pt" if path.lower().endswith(".onnx") else ""
+    return BenchModel(name, path, transform, sparsity, family, form, not_for_deepsparse(model) or "",
+                      torch_path if torch_path and os.path.isfile(torch_path) else "")
 
 
 def machine_description() -> Dict[str, object]:
@@ -117,6 +123,13 @@ def machine_description() -> Dict[str, object]:
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
+    try:
+        import openvino
+        info["openvino"] = openvino.get_version().split("-")[0]
+    except ImportError:
+        pass
+    import torch
+    info["torch"] = torch.__version__
     from .runtimes import deepsparse_version
     version = deepsparse_version()
     if version:
@@ -126,17 +139,29 @@ def machine_description() -> Dict[str, object]:
 
 def run_benchmarks(models: Sequence[BenchModel], engines: Sequence[str], batch_size: int, iterations: int = 10,
                    warmup: int = 2, num_cores: Optional[int] = None, progress: bool = True,
-                   input_shapes: Optional[Dict[str, tuple]] = None, seed: int = 0, rounds: int = 1) -> List[BenchResult]:
+                   input_shapes: Optional[Dict[str, tuple]] = None, seed: int = 0, rounds: int = 1,
+                   load_torch: Optional[Callable[[str], object]] = None) -> List[BenchResult]:
     """Time every model on every engine (see the module docstring); a progress bar on stderr.
 
     ``rounds`` > 1 repeats the whole sweep (models in turn, each engine compiled afresh) and pools
     each model's timings: on a shared machine, load that comes and goes then lands on every model
     alike instead of on whichever model ran at the wrong minute. A model an engine cannot compile or
     run (a DeepSparse abort, say) gets a failed result with the reason and is not retried; the
-    others go on.
+    others go on. ``load_torch(torch_path)`` gives the torch engines their module (loaded once).
     """
     from tqdm import tqdm
     pooled: Dict[tuple, BenchResult] = {}
+    modules: Dict[str, object] = {}
+
+    def module_of(model: BenchModel):
+        if not model.torch_path or load_torch is None:
+            return None
+        if model.torch_path not in modules:
+            try:
+                modules[model.torch_path] = load_torch(model.torch_path)
+            except SiftError as e:   # e.g. user code it may not import: the torch rows say why
+                modules[model.torch_path] = e
+        return modules[model.torch_path]
     total = rounds * len(models) * len(engines) * (warmup + iterations)
     with tqdm(total=total, desc="sift-bench", unit="batch", disable=not progress, leave=False) as bar:
         for _ in range(rounds):
@@ -149,12 +174,15 @@ def run_benchmarks(models: Sequence[BenchModel], engines: Sequence[str], batch_s
                               f"timed at batch {batch}", file=sys.stderr)
                 for name in engines:
                     key = (model.label, model.path, name)
-                    if key in pooled and pooled[key].failed:
+                    if key in pooled and (pooled[key].failed or pooled[key].skipped):
                         bar.update(warmup + iterations)
                         continue
                     bar.set_postfix_str(f"{model.label} on {name}")
+                    module = module_of(model) if name in TORCH_ENGINES else None
                     result = _time_one(model, name, feeds, batch, num_cores, warmup, iterations,
-                                       lambda: bar.update(1))
+                                       lambda: bar.update(1), module)
+                    if result.skipped:
+                        bar.update(warmup + iterations)
                     if result.failed:
                         bar.write(f"sift-bench: {model.label} on {name}: FAILED: {result.error}", file=sys.stderr)
                     if key in pooled:
@@ -166,15 +194,22 @@ def run_benchmarks(models: Sequence[BenchModel], engines: Sequence[str], batch_s
 
 
 def _time_one(model: BenchModel, name: str, feeds, batch_size: int, num_cores: Optional[int], warmup: int,
-              iterations: int, tick) -> BenchResult:
+              iterations: int, tick, module=None) -> BenchResult:
     result = BenchResult(model.label, model.path, name, batch_size, num_cores, [], model.transform,
                          model.sparsity, model.family, model.form)
     if name == "deepsparse" and model.not_for_deepsparse:
         result.error = f"the exporter marked the file not for DeepSparse: {model.not_for_deepsparse}"
         return result
+    if name in TORCH_ENGINES and (module is None or isinstance(module, Exception)):
+        result.error = (f"{name} runs the compiled torch model; {model.path} has no "
+                        f"{os.path.basename(model.path)[:-5]}.sift.pt beside it (sift-compile -o)") if module is None \
+            else f"{name} cannot load {model.torch_path}: {module}"
+        result.skipped = True
+        return result
     start = time.perf_counter()
     try:
-        with open_engine(name, model.path, batch_size, num_cores, [list(v.shape) for v in feeds.values()]) as engine:
+        with open_engine(name, model.path, batch_size, num_cores, [list(v.shape) for v in feeds.values()],
+                         module=module) as engine:
             result.compile_s = time.perf_counter() - start
             result.fraction_of_supported_ops = engine.fraction_of_supported_ops
             result.engine_description = engine.description
@@ -192,7 +227,7 @@ def _time_one(model: BenchModel, name: str, feeds, batch_size: int, num_cores: O
 def dense_latency(results: Sequence[BenchResult], family: str, engine: str) -> Optional[float]:
     """Median latency of the family's dense model on ``engine`` (None if there is none)."""
     for r in results:
-        if r.engine == engine and r.transform == "none" and r.family == family and not r.failed:
+        if r.engine == engine and r.transform == "none" and r.family == family and r.latencies_ms:
             return r.median_ms
     return None
 
@@ -208,7 +243,7 @@ def results_table(results: Sequence[BenchResult]) -> str:
     model); ``vs dense``: latency over the dense model's on the same engine (ideal: 1.00).
     """
     engines = list(dict.fromkeys(r.engine for r in results))
-    short = {"deepsparse": "DS", "onnxruntime": "ORT"}
+    short = {"deepsparse": "DS", "onnxruntime": "ORT", "openvino": "OV", "openvino-sparse": "OV-sparse"}
     rows = []
     header = ["model", "transform", "sparsity"]
     for e in engines:
@@ -224,8 +259,8 @@ def results_table(results: Sequence[BenchResult]) -> str:
         row = [label, first.transform, _fmt(first.sparsity, ".2f")]
         for e in engines:
             r = per_engine.get(e)
-            if r is None or r.failed:
-                row += ["FAILED" if r is not None else "-"] + ["-"] * 3
+            if r is None or r.failed or r.skipped:
+                row += ["FAILED" if r is not None and r.failed else "-"] + ["-"] * 3
                 continue
             dense = dense_latency(results, r.family, e)
             row += [_fmt(r.median_ms, ".1f"), _fmt(r.p90_ms, ".1f"), _fmt(r.items_per_s, ".1f"),
@@ -240,6 +275,7 @@ def results_table(results: Sequence[BenchResult]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
     lines += [f"FAILED: {r.label} on {r.engine}: {r.error}" for r in results if r.failed]
+    lines += [f"skipped: {r.label} on {r.engine}: {r.error}" for r in results if r.skipped]
     return "\n".join(lines)
 
 

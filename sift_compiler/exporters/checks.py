@@ -17,6 +17,10 @@
 ``deepsparse-vs-onnxruntime``  DeepSparse's outputs agree with onnxruntime's. Runtimes have bugs:
                                DeepSparse 1.8 sums >= 9 convs of one input wrongly, so this runs
                                on every export (docs/deployment.md)
+``openvino-vs-onnxruntime``    (where DeepSparse cannot run: Python >= 3.12 or not installed, and
+                               OpenVINO is installed) OpenVINO's outputs agree with onnxruntime's,
+                               so a second runtime still checks the first; a file OpenVINO cannot
+                               load is skipped with the reason (its op coverage, not the file)
 =============================  ==================================================================
 
 Output agreement is ``max|a - b| / max|b| <= rtol``: the largest error relative to the output's
@@ -34,7 +38,7 @@ import math
 import numpy as np
 
 from ..errors import ExportError, SiftError, first_line
-from .runtimes import deepsparse_status, open_engine
+from .runtimes import deepsparse_status, engine_status, open_engine
 from .weights import LayerSparsity, load_onnx, layers_from_metadata, not_for_deepsparse, weight_arrays
 
 DEFAULT_RTOL = 1e-3
@@ -210,7 +214,8 @@ def _deepsparse_checks(path: str, feeds, ort_outputs, rtol: float, min_supported
     if not usable:
         if mode == "require":
             return [Check("deepsparse-compiles", False, reason)]
-        return [Check("deepsparse-compiles", True, reason, skipped=True)]
+        return [Check("deepsparse-compiles", True, reason, skipped=True)] + \
+            _openvino_checks(path, feeds, ort_outputs, rtol, num_cores, report)
     batch = next(iter(feeds.values())).shape[0] if feeds else 1
     try:
         engine = open_engine("deepsparse", path, batch, num_cores, [list(v.shape) for v in feeds.values()])
@@ -233,6 +238,31 @@ def _deepsparse_checks(path: str, feeds, ort_outputs, rtol: float, min_supported
             return checks + [Check("deepsparse-vs-onnxruntime", False, f"DeepSparse failed to run: {e}")]
     checks.append(_output_check("deepsparse-vs-onnxruntime", outputs, ort_outputs, rtol, report))
     return checks
+
+
+def _openvino_checks(path: str, feeds, ort_outputs, rtol: float, num_cores: Optional[int],
+                     report: Verification) -> List[Check]:
+    """OpenVINO against onnxruntime, in DeepSparse's place (nothing when OpenVINO is not installed)."""
+    if ort_outputs is None or not engine_status("openvino")[0]:
+        return []
+    try:
+        with open_engine("openvino", path, 1, num_cores, [list(v.shape) for v in feeds.values()]) as engine:
+            outputs = engine.run(feeds)
+    except SiftError as e:
+        return [Check("openvino-vs-onnxruntime", True, str(e), skipped=True)]
+    return [_output_check("openvino-vs-onnxruntime", outputs, ort_outputs, rtol, report)]
+
+
+def deepsparse_absence(report: Verification) -> str:
+    """Why DeepSparse did not check ``report``'s file because it cannot run here ("" when it ran or was skipped)."""
+    return next((c.detail for c in report.checks if c.name == "deepsparse-compiles" and c.skipped), "")
+
+
+def runtimes_that_checked(report: Verification) -> List[str]:
+    """The runtimes whose outputs were compared in ``report`` (onnxruntime, openvino, deepsparse)."""
+    names = {"onnxruntime-vs-torch": "onnxruntime", "onnxruntime-runs": "onnxruntime",
+             "openvino-vs-onnxruntime": "openvino", "deepsparse-vs-onnxruntime": "deepsparse"}
+    return list(dict.fromkeys(names[c.name] for c in report.checks if c.name in names and not c.skipped))
 
 
 def verify_onnx(path: str, feeds: Dict[str, np.ndarray], *, reference: Optional[Sequence[np.ndarray]] = None,

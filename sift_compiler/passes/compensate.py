@@ -26,10 +26,11 @@ class CompensationOptions:
     sparsity: float
     budget: str = "flops"
     iso_flop: bool = True   # the result is meant to cost what the dense model does (`CompileConfig.iso_flop`)
+    pattern: str = "unstructured"   # "N:M": the sparse layers stay at exactly N/M (`CompileConfig.pattern`)
 
     @staticmethod
     def of(config: CompileConfig) -> "CompensationOptions":
-        return CompensationOptions(config.sparsity, config.budget, config.iso_flop)
+        return CompensationOptions(config.sparsity, config.budget, config.iso_flop, config.pattern)
 
 
 class IsoFlopCompensationPass(Pass):
@@ -60,11 +61,12 @@ class IsoFlopCompensationPass(Pass):
                                 "this model iso-FLOP; the model has nothing between its first and last layers to "
                                 "transform")
             return PassResult(False)
-        if options.budget == "latency":  # the latency budget decides the size: sparse layers stay at s
+        if options.budget == "latency" or options.pattern != "unstructured":
+            # the latency budget decides the size, or an N:M pattern fixes the density: sparse layers stay at s
             _set_densities(gm, masked_nodes, 1.0 - options.sparsity)
             unit.effective_sparsity = options.sparsity
-            unit.notes.append(f"budget latency: sparse layers at s = {options.sparsity:g}, no iso-FLOP "
-                              "compensation")
+            why = "budget latency" if options.budget == "latency" else f"pattern {options.pattern}"
+            unit.notes.append(f"{why}: sparse layers at s = {options.sparsity:g}, no iso-FLOP compensation")
             unit.touch()
             from ..analyses.layers import LayerAnalysis
             from ..analyses.shapes import ShapeAnalysis

@@ -4,7 +4,7 @@ then the first values of every new module, the way the model initialises its own
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from ..analyses.layers import LayerAnalysis
 from ..analyses.shapes import ShapeAnalysis
@@ -16,13 +16,15 @@ from .base import Pass, PassResult
 
 @dataclass(frozen=True)
 class InitOptions:
-    """The seed every mask and new weight is drawn from (one stream per layer)."""
+    """The seed every mask and new weight is drawn from (one stream per layer), and the N:M pattern
+    of the masks (None: unstructured)."""
 
     seed: int = 0
+    nm: Optional[Tuple[int, int]] = None
 
     @staticmethod
     def of(config: CompileConfig) -> "InitOptions":
-        return InitOptions(config.seed)
+        return InitOptions(config.seed, config.nm)
 
 
 class InitMasksPass(Pass):
@@ -39,11 +41,12 @@ class InitMasksPass(Pass):
                               "device, seed) draws them from their (seed, layer) streams")
             return PassResult(False, frozenset({ShapeAnalysis, LayerAnalysis}))
         policy = unit.init_policy or LayerDefault()
-        seed = (self.options or InitOptions.of(unit.config)).seed
+        options = self.options or InitOptions.of(unit.config)
+        seed = options.seed
         # the layer default is init_masks' own draw, which can run on threads; a model's own init may not
         own_init = type(policy).draw_masked is not InitPolicy.draw_masked
         drawn = init_masks(unit.module, seed, draw_weights=(lambda layer, name: policy.draw_masked(layer, name, seed))
-                           if own_init else None)
+                           if own_init else None, nm=options.nm)
         redrawn = init_fresh_modules(unit.module, policy, seed)
         if drawn or redrawn:
             unit.touch()

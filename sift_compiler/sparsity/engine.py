@@ -46,7 +46,7 @@ import torch.nn as nn
 from ..errors import UserInputError
 from .init import exact_count
 from .layers import MaskedLayer, forget_float_masks, iter_masked, new_layer
-from .nm import check_nm, is_transposable_nm, nm_shape_problem, random_nm_mask, regrow_nm
+from .nm import check_nm, is_transposable_nm, nm_shape_problem, parse_nm_pattern, random_nm_mask, regrow_nm
 from .engine_state import EngineCheckpoint
 from .schedules import UpdateSchedule
 from .shards import ShardSpec, global_sums, is_dtensor, local, local_rows, shard_spec
@@ -123,8 +123,14 @@ class MaskEngine(EngineCheckpoint):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserInputError(f"{type(self).__name__} needs a torch.optim.Optimizer (it hooks optimizer.step), "
                                  f"got {type(optimizer).__name__}")
+        if isinstance(pattern, str) and ":" in pattern:  # "2:4" is pattern="nm", n=2, m=4
+            if (n, m) != (None, None):
+                raise UserInputError(f"pattern={pattern!r} already gives n and m: do not pass n={n}, m={m} too")
+            n, m = parse_nm_pattern(pattern)
+            pattern = "nm"
         if pattern not in PATTERNS:
-            raise UserInputError(f"unknown mask pattern {pattern!r}: choose 'unstructured' or 'nm' (with n and m)")
+            raise UserInputError(f"unknown mask pattern {pattern!r}: choose 'unstructured', 'nm' (with n and m) or "
+                                 "'N:M' such as '2:4'")
         self.module = unwrap(module)
         self.optimizer = optimizer
         self.schedule = schedule

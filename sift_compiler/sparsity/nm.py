@@ -20,7 +20,7 @@ before the update, which is valid N:M-T, and the engine counts how often that ha
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -40,6 +40,16 @@ def check_nm(n: object, m: object) -> Tuple[int, int]:
         raise UserInputError(f"{n}:{m} means sparsity {1 - n / m:g}, outside (0, 1): choose 0 < n < m "
                              f"(4:8, 2:8 and 1:8 give 50%, 75% and 87.5%)")
     return n, m
+
+
+def parse_nm_pattern(pattern: object) -> Optional[Tuple[int, int]]:
+    """None for "unstructured", (N, M) for "N:M" (e.g. "2:4"); a UserInputError for anything else."""
+    if pattern == "unstructured":
+        return None
+    parts = pattern.split(":") if isinstance(pattern, str) else []
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UserInputError(f"unknown mask pattern {pattern!r}: choose 'unstructured' or 'N:M' such as '2:4'")
+    return check_nm(int(parts[0]), int(parts[1]))
 
 
 def matrix_shape(shape: Tuple[int, ...]) -> Tuple[int, int]:
