@@ -167,10 +167,9 @@ def to_routed_experts(module: nn.Module) -> RoutedExperts:
     return RoutedExperts.from_fused(module, _top_k(module))
 
 
-
-
 # the note capture writes for fused experts it cannot rewrite (`shortfall` reports it)
-EXPERTS_KEPT_FUSED = "mixture-of-experts experts kept fused (not weight layers: dense, uncounted by the transform)"
+EXPERTS_KEPT_FUSED = ("mixture-of-experts experts kept fused (dense, and not weight layers: their FLOPs are "
+                      "outside the iso-FLOP count)")
 ROUTED = "sift.routed"  # node meta: the share of tokens the node computes on (`active_fraction`)
 
 
