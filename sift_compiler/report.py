@@ -12,8 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import torch.fx as fx
 
-from .analyses.flops import CATEGORIES, FlopAnalysis, FlopCounts
-from .capture.experts import parameter_counts
+from .analyses.flops import CATEGORIES, FlopAnalysis, FlopCounts, parameter_counts
 from .analyses.layers import LayerTable
 from .unit import CompilationUnit, LayerDecision
 

@@ -191,7 +191,8 @@ def _load_pretrained(directory: str, model: Optional[nn.Module], compile_with: C
                              "(load it with transformers' from_pretrained)")
     dense = model if model is not None else _dense_from_pretrained_config(directory)
     result = _compile_from_plan(plan, dense, compile_with)
-    _install_state(result, _read_safetensors(directory), directory, allow_tied=True)
+    state = _checkpoint_names_to_model(_read_safetensors(directory), result.module)
+    _install_state(result, state, directory, allow_tied=True)
     return result
 
 
@@ -231,6 +232,19 @@ def _dense_from_config_dict(config: Dict[str, Any], class_name: Optional[str], d
         raise ModelLoadError(f"{directory!r}: the plan names no model class of transformers ({class_name!r}); pass "
                              "the dense model as sift_compiler.load(path, model=...)")
     return cls(config_class.from_dict(config))
+
+
+def _checkpoint_names_to_model(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """save_pretrained writes some models' keys under their legacy names (Mixtral's ``mlp`` as
+    ``block_sparse_moe``); transformers' own renamings give them back. (Its converters, which fuse
+    per-expert checkpoint weights, match no key of a compiled model: its experts are not fused.)"""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):  # another transformers: keys as written
+        return state
+    return {apply_renamings(key, renamings): value for key, value in state.items()} if renamings else state
 
 
 def _dense_from_pretrained_config(directory: str) -> nn.Module:

@@ -112,7 +112,7 @@ class Baseline:
     flops: "FlopCounts"      # the iso-FLOP target (``weight_dense``)
     layers: "LayerTable"     # the dense weight layers (the report's rows)
     outputs: Any             # output TensorSpecs (VerifyPass: the rewrite keeps shapes and dtypes)
-    parameters: Any = None   # `capture.experts.ParameterCounts`: total and per-token active
+    parameters: Any = None   # `analyses.flops.ParameterCounts`: total and per-token active
 
 
 class CompilationUnit:
@@ -148,7 +148,7 @@ class CompilationUnit:
         from .analyses.flops import FlopAnalysis
         from .analyses.layers import LayerAnalysis
         from .analyses.shapes import ShapeAnalysis
-        from .capture.experts import parameter_counts
+        from .analyses.flops import parameter_counts
         self.dense_baseline = Baseline(self.analyses.get(FlopAnalysis), self.analyses.get(LayerAnalysis),
                                        self.analyses.get(ShapeAnalysis).outputs(self.module),
                                        parameter_counts(self.module))

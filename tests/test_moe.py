@@ -155,9 +155,10 @@ def assert_onnx_matches(model: nn.Module, kwargs, tmp_path) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_headline_wide_075_is_iso_flop_per_token_and_rigl_keeps_each_expert_exact():
+def test_headline_wide_075_is_iso_flop_per_token_and_rigl_keeps_each_expert_exact(tmp_path):
     """E = 8, top-2, Sparse Wide 0.75: FLOPs per token equal the dense model's (not 8x, not 1/8);
-    RigL keeps each expert's planned count; the load-balancing loss trains with it."""
+    RigL keeps each expert's planned count; the load-balancing loss trains with it; save_pretrained
+    and sift.load give the trained model back."""
     source = _case("mixtral")
     result = sift.compile(source.module, "wide", 0.75, (), source.kwargs, seed=0)
     model, report = result.module, result.report
@@ -194,6 +195,15 @@ def test_headline_wide_075_is_iso_flop_per_token_and_rigl_keeps_each_expert_exac
         assert after[name] == exact_count(layer.target_density, layer.weight.numel()), name
     assert any(not torch.equal(before[n], dict(iter_masked(model))[n].weight_mask) for n in experts)
     assert_masks_exact(model)
+
+    # save_pretrained writes Mixtral's legacy key names (block_sparse_moe); sift.load reads them back
+    model.save_pretrained(tmp_path / "mixtral")
+    loaded = sift.load(str(tmp_path / "mixtral")).module.eval()
+    ids = source.kwargs["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    masks, trained = sift.sparsity.masks(loaded), sift.sparsity.masks(model)
+    assert masks.keys() == trained.keys() and all(torch.equal(masks[k], trained[k]) for k in masks)
 
 
 def test_deepseek_v3_moe_compiles_natively_with_shared_experts_as_plain_layers():

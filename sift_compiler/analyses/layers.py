@@ -7,7 +7,8 @@ none lies on any path from it to an output. Names and shapes play no part (the r
 
 Each layer also gets: depthwise (``groups == in == out channels``), grouped, a shortcut
 projection (a layer on the skip path of a residual add: its input also reaches the add's other
-operand), shared (called from several nodes), and a match against ``--keep-dense`` patterns.
+operand), shared (called from several nodes), a match against ``--keep-dense`` patterns, and
+whether it is the router of a mixture of experts (its output reaches a top-k: kept dense).
 """
 from __future__ import annotations
 

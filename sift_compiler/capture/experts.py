@@ -24,15 +24,13 @@ A token visits ``top_k`` of the ``num_experts`` experts, so each expert's layers
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 __all__ = ["ExpertMLP", "RoutedExperts", "experts_refusal", "annotate_routing", "is_fused_experts",
-           "to_routed_experts", "EXPERTS_KEPT_FUSED", "ROUTED",
-           "ParameterCounts", "parameter_counts"]
+           "to_routed_experts", "EXPERTS_KEPT_FUSED", "ROUTED"]
 
 
 class ExpertMLP(nn.Module):
@@ -169,10 +167,9 @@ def to_routed_experts(module: nn.Module) -> RoutedExperts:
     return RoutedExperts.from_fused(module, _top_k(module))
 
 
-
-
 # the note capture writes for fused experts it cannot rewrite (`shortfall` reports it)
-EXPERTS_KEPT_FUSED = "mixture-of-experts experts kept fused (not weight layers: dense, uncounted by the transform)"
+EXPERTS_KEPT_FUSED = ("mixture-of-experts experts kept fused (dense, and not weight layers: their FLOPs are "
+                      "outside the iso-FLOP count)")
 ROUTED = "sift.routed"  # node meta: the share of tokens the node computes on (`active_fraction`)
 
 
@@ -192,32 +189,3 @@ def annotate_routing(gm: torch.fx.GraphModule, model: nn.Module) -> int:
                 break
     return marked
 
-
-@dataclass(frozen=True)
-class ParameterCounts:
-    """Floating-point parameters of a graph: all of them, and those one token uses (a MoE token
-    uses top_k of num_experts experts); ``nonzero`` counts only unmasked weights."""
-
-    total: int
-    active: int
-    nonzero: int
-    active_nonzero: int
-
-
-def parameter_counts(gm: torch.fx.GraphModule) -> ParameterCounts:
-    """`ParameterCounts` of ``gm``: an expert's parameters count ``sift.routed`` in the active ones."""
-    from ..sparsity.layers import MaskedLayer
-    share = {str(n.target): n.meta[ROUTED] for n in gm.graph.nodes if n.op == "call_module" and ROUTED in n.meta}
-    seen, total, active, nonzero, active_nonzero = set(), 0, 0.0, 0, 0.0
-    for name, module in gm.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            if id(param) in seen or not param.is_floating_point():
-                continue
-            seen.add(id(param))
-            numel = param.numel()
-            unmasked = (int(module.weight_mask.sum()) if isinstance(module, MaskedLayer) and param_name == "weight"
-                        else numel)
-            fraction = share.get(name, 1.0)
-            total, nonzero = total + numel, nonzero + unmasked
-            active, active_nonzero = active + fraction * numel, active_nonzero + fraction * unmasked
-    return ParameterCounts(total, round(active), nonzero, round(active_nonzero))
