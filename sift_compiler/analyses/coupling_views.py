@@ -269,8 +269,9 @@ def slice_rule(b, node, x):
     in_size, out_size = b.shapes[node.args[0]].shape[dim], b.shapes[node].shape[dim]
     if in_size == out_size:
         return x
-    b.axes.pin(x[dim], f"partly sliced at {node.name}")
-    return x[:dim] + (b.axes.new(out_size, node.name, "slice"),) + x[dim + 1:]
+    part = b.axes.new(out_size, node.name, "slice")
+    b.sliced(x[dim], part, node)
+    return x[:dim] + (part,) + x[dim + 1:]
 
 
 @on_tensor("pad")
@@ -327,8 +328,9 @@ def _index(b, node, x, index):
             if item == slice(None):
                 out.append(axis)
             else:
-                b.axes.pin(axis, f"partly sliced at {node.name}")
-                out.append(b.axes.new(spec.shape[len(out)], f"{node.name}", "slice"))
+                part = b.axes.new(spec.shape[len(out)], f"{node.name}", "slice")
+                b.sliced(axis, part, node)
+                out.append(part)
             position += 1
     out.extend(x[position:])
     return tuple(out)

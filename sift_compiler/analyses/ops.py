@@ -142,6 +142,7 @@ ROWS = [
     # copies and dropout: shape-preserving, free
     ("dropout", C.passthrough, R.FREE, [nn.Dropout, nn.modules.dropout._DropoutNd]),
     ("identity", C.passthrough, R.FREE, [nn.Identity]),
+    ("identity", C.copy_into, R.FREE, named("copy")),  # before the copies: dst.copy_(src) couples src to dst
     *[("identity" if name not in ("dropout", "alpha_dropout") else "dropout", C.passthrough, R.FREE, named(name))
       for name in _COPIES],
     # pooling and reductions
