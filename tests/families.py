@@ -83,8 +83,8 @@ def _bert() -> Case:
 def _deepseek_v3() -> Case:
     # multi-head latent attention: low-rank q (q_lora_rank) and kv (kv_lora_rank) projections, the
     # head dim split into a RoPE part and a no-RoPE part; every layer dense (no MoE)
-    model = _hf("deepseek_v3", **{**_DECODER, "num_key_value_heads": 4}, q_lora_rank=32, kv_lora_rank=16,
-                qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=2,
+    model = _hf("deepseek_v3", **{**_DECODER, "num_key_value_heads": 4}, q_lora_rank=40, kv_lora_rank=20,
+                qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, first_k_dense_replace=2,
                 n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1)
     return Case(model, (), {"input_ids": _ids()})
 
@@ -97,8 +97,8 @@ def _moe(model_type: str, **options: Any) -> Callable[[], Case]:
 
 def _deepseek_v3_moe() -> Case:
     # the second layer is a mixture of experts (4 routed, top-2, one shared expert)
-    model = _hf("deepseek_v3", **{**_DECODER, "num_key_value_heads": 4}, q_lora_rank=32, kv_lora_rank=16,
-                qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=1,
+    model = _hf("deepseek_v3", **{**_DECODER, "num_key_value_heads": 4}, q_lora_rank=40, kv_lora_rank=20,
+                qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, first_k_dense_replace=1,
                 n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
                 n_group=1, topk_group=1)
     return Case(model, (), {"input_ids": _ids()})

@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import describe_node
-from .axes import AxisGraph, Expr, FloorDiv, Sym
+from .axes import AxisGraph, Expr, FloorDiv, Sym, symbols
 from .coupling_rules import Literal, SizeLink, SizeValue, reads_sizes, size_math
 from .manager import Analysis
 from .ops import lookup, op_name
@@ -64,6 +64,7 @@ class _Builder:
         self.result = CouplingResult(self.axes, {}, {}, {})
         self._param_ids: Dict[int, Tuple[Expr, ...]] = {}
         self.links: List[SizeLink] = []
+        self.slices: List[Tuple[Expr, Expr, str]] = []  # (sliced axis, the part taken, reason)
 
     # -- helpers -------------------------------------------------------------------------
     def fresh(self, spec: Optional[TensorSpec], label: str, pinned: Optional[str] = None) -> Tuple[Expr, ...]:
@@ -74,6 +75,51 @@ class _Builder:
     def axes_of(self, arg: Any) -> Optional[Tuple[Expr, ...]]:
         value = self.result.values.get(arg.name) if isinstance(arg, fx.Node) else None
         return value if isinstance(value, tuple) and all(not isinstance(v, tuple) for v in value) else None
+
+    def sliced(self, axis: Expr, part: Expr, node: fx.Node) -> None:
+        """``part`` is a part of ``axis`` (a slice): the axis keeps its width (`settle_slices`)."""
+        self.slices.append((axis, part, f"partly sliced at {node.name}"))
+
+    def settle_slices(self) -> None:
+        """Pin each sliced axis. When every part taken of it was kept because the user asked
+        (Phi-3's fused qkv sliced into q, k, v; partial rotary's head dim: each part's heads x head_dim
+        kept by attention_width="keep"), that is the reason given; else the slice is."""
+        parts: Dict[int, List[Expr]] = {}
+        for axis, part, _ in self.slices:
+            for sym in symbols(axis):
+                parts.setdefault(self.axes.root(sym), []).append(part)
+        pending = list(self.slices)
+        while True:  # a part may itself be sliced later on (q's head dim, by partial rotary): to a fixed point
+            left = []
+            for axis, part, reason in pending:
+                asked = [self._asked_reason(p) for sym in symbols(axis) for p in parts[self.axes.root(sym)]]
+                if asked and all(asked):
+                    self.axes.pin(axis, asked[0], asked=True)
+                else:
+                    left.append((axis, part, reason))
+            if len(left) == len(pending):
+                break
+            pending = left
+        for axis, _, reason in pending:
+            self.axes.pin(axis, reason)
+        for axis, part, _ in self.slices:  # a part of a width kept as asked is kept as asked (DeepSeek's k_nope)
+            kept = self._asked_reason(axis)
+            if kept:
+                self.axes.pin(part, kept, asked=True)
+
+    def _asked_reason(self, expr: Expr) -> Optional[str]:
+        """Why ``expr`` keeps its size when the user asked for it (itself or, for a size defined
+        by others such as heads x head_dim, every part of it), else None."""
+        reasons = []
+        for sym in symbols(expr):
+            root = self.axes.root(sym)
+            if root in self.axes.asked:
+                reasons.append(self.axes.pinned[root])
+            elif root in self.axes.definition:
+                reasons.append(self._asked_reason(self.axes.definition[root]))
+            else:
+                return None
+        return reasons[0] if reasons and all(reasons) else None
 
     def pin_inputs(self, node: fx.Node, reason: str) -> None:
         for arg in node.all_input_nodes:
@@ -101,6 +147,7 @@ class _Builder:
     def run(self) -> CouplingResult:
         for node in self.gm.graph.nodes:
             self.result.values[node.name] = self.visit(node)
+        self.settle_slices()
         while self.axes.propagate_pins():
             pass
         for link in self.links:

@@ -236,6 +236,15 @@ def aten_embedding(b, node):
 
 
 # -- element-wise and broadcast ----------------------------------------------------------
+def copy_into(b, node):
+    """dst.copy_(src) (DeepSeek-V3 fills its key from k_nope and k_rot): src broadcasts onto dst,
+    the result is dst; a one-tensor copy passes its axes."""
+    if len([a for a in node.args[:2] if isinstance(a, fx.Node)]) < 2:
+        x = b.axes_of(node.args[0])
+        return b.opaque(node, "copy of a non-tensor") if x is None else x
+    return broadcast(b, node)
+
+
 def broadcast(b, node):
     """Element-wise ops: equal axes of size > 1 of all tensor operands are unified."""
     tensors = [a for a in node.all_input_nodes if b.axes_of(a) is not None

@@ -305,9 +305,9 @@ def slice_rule(b, node, x):
     in_size, out_size = b.shapes[node.args[0]].shape[dim], b.shapes[node].shape[dim]
     if in_size == out_size:
         return x
-    reason = _slice_reason(b, x[dim])
-    b.axes.pin(x[dim], f"partly sliced at {node.name}")
-    return x[:dim] + (b.axes.new(out_size, node.name, reason),) + x[dim + 1:]
+    part = b.axes.new(out_size, node.name, _slice_reason(b, x[dim]))
+    b.sliced(x[dim], part, node)
+    return x[:dim] + (part,) + x[dim + 1:]
 
 
 def _slice_reason(b, axis: Expr) -> str:
@@ -350,6 +350,22 @@ def getitem(b, node):
     return b.opaque(node, "indexing without a rule")
 
 
+def index_rows(b, node):
+    """x[idx] with one index tensor on one axis (Whisper's ``positions.weight[position_ids]``): the
+    indexed axis becomes the index's axes, every other axis passes. Other advanced indexing has no rule."""
+    x = b.axes_of(node.args[0])
+    indices = node.args[1] if len(node.args) > 1 else None
+    if x is None or not isinstance(indices, (list, tuple)):
+        return b.opaque(node, "advanced (tensor) indexing")
+    given = [i for i, t in enumerate(indices) if t is not None]
+    picked = b.axes_of(indices[given[0]]) if len(given) == 1 else None
+    if picked is None:
+        return b.opaque(node, "advanced indexing with more than one index tensor")
+    at = given[0]
+    b.axes.pin(x[at], f"indexed at {node.name}")
+    return x[:at] + tuple(picked) + x[at + 1:]
+
+
 def _index(b, node, x, index):
     items = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in items):
@@ -373,9 +389,9 @@ def _index(b, node, x, index):
             if item == slice(None):
                 out.append(axis)
             else:
-                reason = _slice_reason(b, axis)
-                b.axes.pin(axis, f"partly sliced at {node.name}")
-                out.append(b.axes.new(spec.shape[len(out)], f"{node.name}", reason))
+                part = b.axes.new(spec.shape[len(out)], f"{node.name}", _slice_reason(b, axis))
+                b.sliced(axis, part, node)
+                out.append(part)
             position += 1
     out.extend(x[position:])
     return tuple(out)

@@ -76,7 +76,7 @@ _LIKE = ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "ran
 _POOLS = ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d",
           "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
           "_adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")
-_NO_RULE_COPIES = ("tile", "roll", "flip", "gather", "index_select", "index",
+_NO_RULE_COPIES = ("tile", "roll", "flip", "gather", "index_select",
                    "movedim", "diff", "scatter", "masked_select", "take_along_dim")
 
 
@@ -142,6 +142,7 @@ ROWS = [
     # copies and dropout: shape-preserving, free
     ("dropout", C.passthrough, R.FREE, [nn.Dropout, nn.modules.dropout._DropoutNd]),
     ("identity", C.passthrough, R.FREE, [nn.Identity]),
+    ("identity", C.copy_into, R.FREE, named("copy")),  # before the copies: dst.copy_(src) couples src to dst
     *[("identity" if name not in ("dropout", "alpha_dropout") else "dropout", C.passthrough, R.FREE, named(name))
       for name in _COPIES],
     # pooling and reductions
@@ -178,6 +179,7 @@ ROWS = [
     ("slice", V.slice_rule, R.FREE, named("slice", "narrow")),
     ("pad", V.pad, R.FREE, named("pad", "constant_pad_nd")),
     ("getitem", V.getitem, R.FREE, [operator.getitem]),
+    ("index", V.index_rows, R.FREE, named("index")),
     *[(name, None, R.FREE, named(name)) for name in _NO_RULE_COPIES],
     # sizes, creation, assertions
     ("size", C.getattr_rule, R.FREE, [builtins.getattr]),
