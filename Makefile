@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt "setuptools<81" wheel
-	$(PY) -m pip install -q -c constraints.txt -e ".[vision,transformers,lightning,deepsparse,sparseml,openvino,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[vision,transformers,lightning,deepsparse,sparseml,openvino,diffusion,dev]"
 	$(PY) -c "import sift_compiler, torch, torchvision, onnx, onnxruntime, deepsparse, accelerate, lightning; print('venv ready: torch', torch.__version__, 'onnx', onnx.__version__)"
 	touch $@
 

@@ -221,6 +221,46 @@ def _retarget_literals(model: nn.Module, literals: Sequence[LiteralRewrite]) -> 
     return [], notes
 
 
+# a block's own record of its conv's channels (diffusers' Downsample2D: ``assert x.shape[1] == self.channels``)
+_CHANNEL_ATTRIBUTES = {"channels": "in", "in_channels": "in", "out_channels": "out"}
+
+
+def _sizes(module: nn.Module) -> Optional[Tuple[int, int]]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels, module.out_channels
+    return None
+
+
+def _follow_channel_attributes(model: nn.Module, rewrites: Sequence[ModuleRewrite]) -> List[str]:
+    """The parent of a resized conv/linear keeps its ``channels``/``in_channels``/``out_channels``
+    equal to that layer's sizes, where they were equal before and every such layer agrees on the
+    new value (`check_native` then checks the result like any other native model)."""
+    planned: Dict[Tuple[int, str], Any] = {}
+    owners: Dict[int, Tuple[nn.Module, str]] = {}
+    for rewrite in rewrites:
+        old, new = _sizes(rewrite.old), _sizes(rewrite.new)
+        parent_path = rewrite.path.rpartition(".")[0]
+        parent = _get(model, parent_path) if parent_path else None
+        if old is None or new is None or old == new or parent is None:
+            continue
+        for name, side in _CHANNEL_ATTRIBUTES.items():
+            value = vars(parent).get(name)
+            index = 0 if side == "in" else 1
+            if isinstance(value, int) and not isinstance(value, bool) and value == old[index] != new[index]:
+                key = (id(parent), name)
+                planned[key] = new[index] if planned.get(key, new[index]) == new[index] else None
+                owners[id(parent)] = (parent, parent_path)
+    notes = []
+    for (owner_id, name), value in planned.items():
+        parent, path = owners[owner_id]
+        if value is not None:
+            notes.append(f"{type(parent).__name__}.{name}: {getattr(parent, name)!r} -> {value!r}")
+            setattr(parent, name, value)
+    return notes
+
+
 def _restore_library_modules(model: nn.Module, originals: Dict[str, nn.Module], touched: Sequence[str]) -> List[str]:
     restored = []
     for path, original in originals.items():
@@ -245,6 +285,7 @@ def build_native(unit: CompilationUnit, model: nn.Module, originals: Dict[str, n
     if reasons:
         return NativeBuild(None, reasons)
     _restore_library_modules(model, originals, replaced)
+    notes += _follow_channel_attributes(model, log.modules)
     if notes:
         notes = ["module attributes follow the widened sizes: " + ", ".join(notes)]
     return NativeBuild(model, [], notes)

@@ -75,7 +75,7 @@ def convnextv2() -> Case:
     """ConvNeXt-V2 (transformers): depthwise 7x7, pointwise MLP with global response normalisation."""
     from transformers import ConvNextV2Config, ConvNextV2ForImageClassification
     torch.manual_seed(0)
-    config = ConvNextV2Config(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=10)
+    config = ConvNextV2Config(hidden_sizes=[64, 128], depths=[1, 1], num_stages=2, num_labels=10)
     return Case(ConvNextV2ForImageClassification(config).eval(), (_image(),), {})
 
 

@@ -192,7 +192,7 @@ class SparseWidePass(Pass):
             unit.rewrites.modules.append(ModuleRewrite.of(path, module, replacement, call))
         if layer is not None and layer.kind in ("linear", "conv"):
             unit.decisions[path] = LayerDecision("wide" if _is_masked(replacement) else "kept", detail,
-                                                 kept_at_width(coupling.axes, entry))
+                                                 kept_at_width(coupling.axes, entry, first=layer.first))
 
     def _resize(self, module: nn.Module, entry, size_of, layer) -> Tuple[nn.Module, str]:
         kind = module_kind(module)
@@ -356,12 +356,16 @@ AS_ASKED = ("model input", "model output", "split count", "vocabulary", "integer
             "top-k choice")
 
 
-def kept_at_width(axes, entry) -> List[str]:
-    """Why a layer's channels were not widened, for pins the user did not ask for."""
+def kept_at_width(axes, entry, first: bool = False) -> List[str]:
+    """Why a layer's channels were not widened, for pins the user did not ask for. A first layer
+    reading features the graph creates (a diffusion model's sinusoidal timestep embedding) reads
+    them as it reads a model input: that side is not widened on purpose."""
     reasons = []
     for side in ("in", "out"):
         for root in _leaves(axes, entry[side]):
             why = axes.pinned.get(root)
+            if first and side == "in" and why is not None and why.startswith("created in the graph"):
+                continue
             if why is not None and root not in axes.asked and not why.startswith(AS_ASKED):
                 reasons.append(f"{side}: {why}")
                 break
