@@ -75,15 +75,12 @@ def save_pretrained(result: Any, directory: str, format: str = "auto", max_shard
         try:
             config, changed = standard_config(result)
         except StandardCheckpointRefused as e:
-            if format == "standard" or not is_hugging_face(module):
-                if format == "standard":
-                    raise
-                format = "compact"
-            else:
-                if result.config.strict:
-                    raise
+            hugging_face = is_hugging_face(module)
+            if format == "standard" or (hugging_face and result.config.strict):
+                raise
+            if hugging_face:  # another model never has a standard form: nothing to warn about
                 warnings.warn(f"standard checkpoint refused, wrote the sift format: {e}", SiftWarning, stacklevel=2)
-                format = "sift"
+            format = "sift" if hugging_face else "compact"
         else:
             with _folder(directory) as tmp:
                 _write_standard(result, config, changed, tmp, max_shard_size)
@@ -126,12 +123,12 @@ def standard_config(result) -> Tuple[Any, Dict[str, Tuple[Any, Any]]]:
     what ``result.module`` computes; or `StandardCheckpointRefused` with the reason."""
     module = result.module
     name = type(module).__name__
+    if result.output != "native":
+        raise StandardCheckpointRefused("the result is the graph form, not the model's own class: only that can be "
+                                        "written as a plain checkpoint (result.report.notes say why it is not)")
     if not is_hugging_face(module):
         raise StandardCheckpointRefused(f"{name} is not a Hugging Face model: a standard checkpoint is a "
                                         "transformers folder (use format='compact', or result.save(path))")
-    if result.output != "native":
-        raise StandardCheckpointRefused(f"the result is the graph form, not a {name}: only the model's own class "
-                                        "can be written as a plain checkpoint (see result.report.notes)")
     if result.config.transform not in ("wide", "none"):
         raise StandardCheckpointRefused(
             f"transform {result.config.transform!r} replaces layers with blocks ({_blocks(module)}) that no "
@@ -180,6 +177,9 @@ def _compare(result, cls: type, config: Any, state: Dict[str, torch.Tensor]) -> 
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
         plain = cls(config)
+    weight = next(iter(result.module.parameters()), None)
+    if weight is not None:  # where and in what precision the compiled model computes
+        plain.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
     try:
         plain.load_state_dict(state, strict=True)
     except RuntimeError as e:
