@@ -114,14 +114,6 @@ def test_standard_checkpoint_refused_for_blocks_no_config_describes(tmp_path, tr
     assert "sift" in json.loads((tmp_path / "auto" / "config.json").read_text())  # sift.load reads it
 
 
-def test_standard_checkpoint_refused_where_no_config_field_holds_the_width(tmp_path):
-    """GPT-2 with the attention width kept: its config ties the attention width to n_embd."""
-    case = _spec("transformers:gpt2,n_layer=2,n_embd=64,n_head=4,vocab_size=500,n_positions=64", (1, 16))()
-    result = _compile(case)
-    with pytest.raises(StandardCheckpointRefused, match="no GPT2LMHeadModel config has the compiled model's shapes"):
-        result.save_pretrained(tmp_path / "gpt2", format="standard")
-
-
 class MLP(nn.Module):
     """Hidden layers that dominate the weights, so the compact ratio shows."""
 
@@ -226,9 +218,11 @@ def test_kernel_head_dim(target, multiple, expected):
     assert chosen == expected and chosen % 8 == 0 and chosen % multiple == 0 and chosen <= 256
 
 
-def test_cli_kernel_head_dims_and_a_compact_checkpoint(tmp_path):
+def test_cli_kernel_head_dims_and_a_compact_checkpoint(tmp_path, capsys):
     """GPT-2 with the attention width scaled: head dim 16 * sqrt 2 = 22.6 becomes 24 (23 without the
-    option), the report says so; the compact folder loads back with the same outputs."""
+    option), the report says so; the compact folder loads back. A standard folder is refused in one
+    line: GPT-2's config ties the attention width to n_embd (92 here), and its Conv1D layers
+    became Linears."""
     from sift_compiler.cli.compile import main
     spec = "transformers:gpt2,n_layer=1,n_embd=64,n_head=4,vocab_size=100,n_positions=32"
     argv = [spec, "-t", "wide", "-s", "0.5", "--attention-width", "scale", "--kernel-head-dims", "--input-shape",
@@ -240,4 +234,7 @@ def test_cli_kernel_head_dims_and_a_compact_checkpoint(tmp_path):
     loaded = sift.load(str(tmp_path / "ckpt"))
     attention = loaded.module.transformer.h[0].attn
     assert attention.head_dim == 24 and attention.split_size == 96
-    assert exit_status(main, argv[:-2] + ["--checkpoint-format", "standard"]) == 2  # GPT-2 keeps no such config
+    capsys.readouterr()
+    assert exit_status(main, argv[:-2] + ["--checkpoint-format", "standard"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "no GPT2LMHeadModel config has the compiled model's shapes" in errors[0], errors
