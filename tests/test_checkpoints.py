@@ -27,9 +27,12 @@ from model_zoo import _spec
 
 TINY = "num_hidden_layers=2,hidden_size=64,num_attention_heads=4,num_key_value_heads=2,intermediate_size=128," \
        "max_position_embeddings=64"
-LMS = {
-    "llama": _spec(f"transformers:llama,{TINY},vocab_size=500", (1, 16)),
-    "qwen2": _spec(f"transformers:qwen2,{TINY},vocab_size=500", (1, 16)),
+LMS = {  # name: (model, Sparse Wide options, hidden and FFN sizes of the standard config)
+    "llama": (_spec(f"transformers:llama,{TINY},vocab_size=500", (1, 16)), {}, (128, 256)),
+    "qwen2": (_spec(f"transformers:qwen2,{TINY},vocab_size=500", (1, 16)), {}, (128, 256)),
+    # the attention width scales with n_embd, as GPT-2's config says; its Conv1D layers are transposed back
+    "gpt2": (_spec("transformers:gpt2,n_layer=1,n_embd=64,n_head=4,vocab_size=500,n_positions=32", (1, 8)),
+             {"attention_width": "scale"}, (128, 512)),
 }
 
 
@@ -45,13 +48,13 @@ def _logits(module, ids):
 
 
 def test_sparse_wide_standard_checkpoint_loads_in_plain_transformers_and_back_in_sift(tmp_path):
-    """Llama and Qwen2 (which derives head_dim from hidden_size, so the config must write it):
-    a fresh process with transformers alone gets the sift model's logits; sift.load restores the
+    """Llama, Qwen2 (which derives head_dim from hidden_size, so the config must write it) and
+    GPT-2 (Conv1D weights, n_inner derived unless written): a fresh process with transformers alone gets the sift model's logits; sift.load restores the
     masks, a RigL update on them keeps every layer's count exact, and the trained model saves again."""
     ids = torch.randint(0, 500, (2, 11), generator=torch.Generator().manual_seed(1))
     results = {}
-    for name, build in LMS.items():
-        result = _compile(build(), seed=2)
+    for name, (build, options, _) in LMS.items():
+        result = _compile(build(), seed=2, **options)
         assert result.save_pretrained(tmp_path / name, format="standard") == "standard"
         torch.save(_logits(result.module, ids), tmp_path / f"{name}.pt")
         results[name] = result
@@ -66,14 +69,16 @@ def test_sparse_wide_standard_checkpoint_loads_in_plain_transformers_and_back_in
             expected = torch.load({str(tmp_path)!r} + "/" + name + ".pt")
             error = float((logits - expected).abs().max() / expected.abs().max())
             assert error <= 1e-5, (name, error)
-            print(name, type(model).__name__, model.config.hidden_size, model.config.intermediate_size)
+            ffn = getattr(model.config, "intermediate_size", None) or model.config.n_inner or 4 * model.config.n_embd
+            print(name, type(model).__name__, model.config.hidden_size, ffn)
         assert "sift_compiler" not in sys.modules
         print("ok")
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=""))
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr[-3000:]
-    assert "llama LlamaForCausalLM 128 256" in run.stdout and "qwen2 Qwen2ForCausalLM 128 256" in run.stdout
+    for name, (_, _, (hidden, ffn)) in LMS.items():
+        assert f"{name} {type(results[name].module).__name__} {hidden} {ffn}" in run.stdout
 
     loaded = sift.load(str(tmp_path / "qwen2"))
     masks = {k: m.clone() for k, m in sift.sparsity.masks(loaded.module).items()}
