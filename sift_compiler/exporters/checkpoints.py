@@ -225,9 +225,11 @@ def _write_standard(result, config: Any, changed: Dict[str, Tuple[Any, Any]], st
     if generation is not None and getattr(module, "can_generate", lambda: False)():
         generation.save_pretrained(tmp)
     save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    masks = {k: pack_bits(v) for k, v in module.state_dict().items() if k in set(_masked_pairs(module.state_dict()).values())}
-    shapes = {k: list(v.shape) for k, v in module.state_dict().items() if k in masks}
-    _save_safetensors(masks, os.path.join(tmp, MASKS_FILE), {"sift_mask_shapes": json.dumps(shapes)})
+    full = module.state_dict()
+    masks = {k: full[k] for k in _masked_pairs(full).values()}  # 1 bit each, in sift's layout
+    shapes = {k: list(v.shape) for k, v in masks.items()}
+    _save_safetensors({k: pack_bits(v) for k, v in masks.items()}, os.path.join(tmp, MASKS_FILE),
+                      {"sift_mask_shapes": json.dumps(shapes)})
     widths = {k: list(v) for k, v in changed.items()}
     transposed = sorted(transposed_weights(meta_model(type(module), config), module))
     _write_json(os.path.join(tmp, PLAN_FILE), _plan(result, "standard", {"standard_widths": widths,
