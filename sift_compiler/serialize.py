@@ -212,7 +212,7 @@ def _load_checkpoint(directory: str, model: Optional[nn.Module], trust_source: b
     else:
         dense = _rebuild_source(plan.get("source"), trust_source)
     result = _compile_from_plan(plan, dense, compile_with)
-    _install_state(result, read_checkpoint_state(directory, plan.get("checkpoint")), directory, allow_tied=True)
+    _install_state(result, read_checkpoint_state(directory, plan), directory, allow_tied=True)
     return result
 
 

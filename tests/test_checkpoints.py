@@ -27,9 +27,12 @@ from model_zoo import _spec
 
 TINY = "num_hidden_layers=2,hidden_size=64,num_attention_heads=4,num_key_value_heads=2,intermediate_size=128," \
        "max_position_embeddings=64"
-LMS = {
-    "llama": _spec(f"transformers:llama,{TINY},vocab_size=500", (1, 16)),
-    "qwen2": _spec(f"transformers:qwen2,{TINY},vocab_size=500", (1, 16)),
+LMS = {  # name: (model, Sparse Wide options, hidden and FFN sizes of the standard config)
+    "llama": (_spec(f"transformers:llama,{TINY},vocab_size=500", (1, 16)), {}, (128, 256)),
+    "qwen2": (_spec(f"transformers:qwen2,{TINY},vocab_size=500", (1, 16)), {}, (128, 256)),
+    # the attention width scales with n_embd, as GPT-2's config says; its Conv1D layers are transposed back
+    "gpt2": (_spec("transformers:gpt2,n_layer=1,n_embd=64,n_head=4,vocab_size=500,n_positions=32", (1, 8)),
+             {"attention_width": "scale"}, (128, 512)),
 }
 
 
@@ -45,13 +48,13 @@ def _logits(module, ids):
 
 
 def test_sparse_wide_standard_checkpoint_loads_in_plain_transformers_and_back_in_sift(tmp_path):
-    """Llama and Qwen2 (which derives head_dim from hidden_size, so the config must write it):
-    a fresh process with transformers alone gets the sift model's logits; sift.load restores the
+    """Llama, Qwen2 (which derives head_dim from hidden_size, so the config must write it) and
+    GPT-2 (Conv1D weights, n_inner derived unless written): a fresh process with transformers alone gets the sift model's logits; sift.load restores the
     masks, a RigL update on them keeps every layer's count exact, and the trained model saves again."""
     ids = torch.randint(0, 500, (2, 11), generator=torch.Generator().manual_seed(1))
     results = {}
-    for name, build in LMS.items():
-        result = _compile(build(), seed=2)
+    for name, (build, options, _) in LMS.items():
+        result = _compile(build(), seed=2, **options)
         assert result.save_pretrained(tmp_path / name, format="standard") == "standard"
         torch.save(_logits(result.module, ids), tmp_path / f"{name}.pt")
         results[name] = result
@@ -66,14 +69,16 @@ def test_sparse_wide_standard_checkpoint_loads_in_plain_transformers_and_back_in
             expected = torch.load({str(tmp_path)!r} + "/" + name + ".pt")
             error = float((logits - expected).abs().max() / expected.abs().max())
             assert error <= 1e-5, (name, error)
-            print(name, type(model).__name__, model.config.hidden_size, model.config.intermediate_size)
+            ffn = getattr(model.config, "intermediate_size", None) or model.config.n_inner or 4 * model.config.n_embd
+            print(name, type(model).__name__, model.config.hidden_size, ffn)
         assert "sift_compiler" not in sys.modules
         print("ok")
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=""))
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr[-3000:]
-    assert "llama LlamaForCausalLM 128 256" in run.stdout and "qwen2 Qwen2ForCausalLM 128 256" in run.stdout
+    for name, (_, _, (hidden, ffn)) in LMS.items():
+        assert f"{name} {type(results[name].module).__name__} {hidden} {ffn}" in run.stdout
 
     loaded = sift.load(str(tmp_path / "qwen2"))
     masks = {k: m.clone() for k, m in sift.sparsity.masks(loaded.module).items()}
@@ -112,14 +117,6 @@ def test_standard_checkpoint_refused_for_blocks_no_config_describes(tmp_path, tr
     with pytest.warns(SiftWarning, match="standard checkpoint refused"):
         assert result.save_pretrained(tmp_path / "auto") == "sift"
     assert "sift" in json.loads((tmp_path / "auto" / "config.json").read_text())  # sift.load reads it
-
-
-def test_standard_checkpoint_refused_where_no_config_field_holds_the_width(tmp_path):
-    """GPT-2 with the attention width kept: its config ties the attention width to n_embd."""
-    case = _spec("transformers:gpt2,n_layer=2,n_embd=64,n_head=4,vocab_size=500,n_positions=64", (1, 16))()
-    result = _compile(case)
-    with pytest.raises(StandardCheckpointRefused, match="no GPT2LMHeadModel config has the compiled model's shapes"):
-        result.save_pretrained(tmp_path / "gpt2", format="standard")
 
 
 class MLP(nn.Module):
@@ -166,30 +163,43 @@ def test_compact_checkpoint_round_trip_every_transform(tmp_path, transform):
         assert ratio < 0.15
 
 
-def test_compact_checkpoint_of_a_language_model_unstructured_and_2_4(tmp_path):
-    """Unstructured at 0.9 (well under a quarter of the dense-masked file) and 2:4 masks (values
-    + bitmask, about 0.45): equal logits, the masks back bit for bit, 2:4 still 2:4."""
+def test_compact_checkpoint_of_a_language_model(tmp_path):
+    """Unstructured at 0.9: equal logits, the masks back bit for bit, well under a quarter of the
+    dense-masked file (the embeddings and the head stay dense)."""
     case = _spec(f"transformers:llama,{TINY},vocab_size=32", (1, 16))()
     ids = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(0))
-    result = _compile(case, "wide", 0.9, round_to=8)  # 2:4 blocks need widths divisible by 4
-    ratios = {}
-    for pattern in ("unstructured", "2:4"):
-        if pattern == "2:4":
-            generator = torch.Generator().manual_seed(3)
-            for _, layer in sift.sparsity.iter_masked(result.module):
-                mask = random_nm_mask(tuple(layer.weight.shape), 2, 4, generator)
-                with torch.no_grad():
-                    layer.weight.mul_(mask)
-                layer.install_mask(mask)
-        folder = tmp_path / pattern.replace(":", "-")
-        assert result.save_pretrained(folder, format="compact") == "compact"
-        loaded = sift.load(str(folder))
-        torch.testing.assert_close(_logits(loaded.module, ids), _logits(result.module, ids), rtol=0, atol=0)
-        masks, before = sift.sparsity.masks(loaded.module), sift.sparsity.masks(result.module)
-        assert all(torch.equal(masks[k], before[k]) for k in masks)
-        ratios[pattern] = _bytes(folder) / _dense_masked_bytes(result, tmp_path / "dense.safetensors")
-    print(f"compact / dense-masked: {ratios}")
-    assert ratios["unstructured"] < 0.25 and ratios["2:4"] < 0.5
+    result = _compile(case, "wide", 0.9)
+    assert result.save_pretrained(tmp_path / "c", format="compact") == "compact"
+    loaded = sift.load(str(tmp_path / "c"))
+    torch.testing.assert_close(_logits(loaded.module, ids), _logits(result.module, ids), rtol=0, atol=0)
+    masks, before = sift.sparsity.masks(loaded.module), sift.sparsity.masks(result.module)
+    assert masks.keys() == before.keys() and all(torch.equal(masks[k], before[k]) for k in masks)
+    ratio = _bytes(tmp_path / "c") / _dense_masked_bytes(result, tmp_path / "dense.safetensors")
+    print(f"tiny Llama, s = 0.9: compact / dense-masked = {ratio:.3f}")
+    assert ratio < 0.25
+
+
+def test_compact_checkpoint_of_2_4_masks(tmp_path):
+    """2:4 masks (density 0.5) round trip as values + bitmask, still 2:4, about 0.44 of the file."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    result = sift.compile(MLP(), "wide", 0.5, (x,), round_to=8)
+    generator = torch.Generator().manual_seed(3)
+    for _, layer in sift.sparsity.iter_masked(result.module):
+        mask = random_nm_mask(tuple(layer.weight.shape), 2, 4, generator)
+        with torch.no_grad():
+            layer.weight.mul_(mask)
+        layer.install_mask(mask)
+    assert result.save_pretrained(tmp_path / "c", format="compact") == "compact"
+    loaded = sift.load(str(tmp_path / "c"), model=MLP())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), result.module(x), rtol=0, atol=0)
+    for name, layer in sift.sparsity.iter_masked(loaded.module):
+        assert sift.sparsity.is_transposable_nm(layer.weight_mask, 2, 4), name
+        assert torch.equal(layer.weight_mask, result.module.get_submodule(name).weight_mask)
+    ratio = _bytes(tmp_path / "c") / _dense_masked_bytes(result, tmp_path / "dense.safetensors")
+    print(f"MLP, 2:4: compact / dense-masked = {ratio:.3f}")
+    assert ratio < 0.5
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (4, 4, 3, 3)])
@@ -213,9 +223,11 @@ def test_kernel_head_dim(target, multiple, expected):
     assert chosen == expected and chosen % 8 == 0 and chosen % multiple == 0 and chosen <= 256
 
 
-def test_cli_kernel_head_dims_and_a_compact_checkpoint(tmp_path):
+def test_cli_kernel_head_dims_and_a_compact_checkpoint(tmp_path, capsys):
     """GPT-2 with the attention width scaled: head dim 16 * sqrt 2 = 22.6 becomes 24 (23 without the
-    option), the report says so; the compact folder loads back with the same outputs."""
+    option), the report says so; the compact folder loads back. A standard folder is refused in one
+    line: GPT-2's config ties the attention width to n_embd (92 here), and its Conv1D layers
+    became Linears."""
     from sift_compiler.cli.compile import main
     spec = "transformers:gpt2,n_layer=1,n_embd=64,n_head=4,vocab_size=100,n_positions=32"
     argv = [spec, "-t", "wide", "-s", "0.5", "--attention-width", "scale", "--kernel-head-dims", "--input-shape",
@@ -227,4 +239,7 @@ def test_cli_kernel_head_dims_and_a_compact_checkpoint(tmp_path):
     loaded = sift.load(str(tmp_path / "ckpt"))
     attention = loaded.module.transformer.h[0].attn
     assert attention.head_dim == 24 and attention.split_size == 96
-    assert exit_status(main, argv[:-2] + ["--checkpoint-format", "standard"]) == 2  # GPT-2 keeps no such config
+    capsys.readouterr()
+    assert exit_status(main, argv[:-2] + ["--checkpoint-format", "standard"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "no GPT2LMHeadModel config has the compiled model's shapes" in errors[0], errors

@@ -45,7 +45,8 @@ from ..errors import SiftWarning, UserInputError, first_line
 from ..native import relative_error
 from .dynamic_shapes import other_shape_inputs
 from .compact import _masked_pairs, compress_state, pack_bits, state_nbytes
-from .standard_config import StandardCheckpointRefused, dense_config, is_hugging_face, standard_configs
+from .standard_config import (StandardCheckpointRefused, dense_config, is_hugging_face, meta_model, standard_configs,
+                              transposed_weights)
 
 FORMATS = ("auto", "standard", "compact", "sift")
 PLAN_FILE = "sift_plan.json"
@@ -73,20 +74,17 @@ def save_pretrained(result: Any, directory: str, format: str = "auto", max_shard
     module = result.module
     if format in ("auto", "standard"):
         try:
-            config, changed = standard_config(result)
+            config, changed, state = standard_config(result)
         except StandardCheckpointRefused as e:
-            if format == "standard" or not is_hugging_face(module):
-                if format == "standard":
-                    raise
-                format = "compact"
-            else:
-                if result.config.strict:
-                    raise
+            hugging_face = is_hugging_face(module)
+            if format == "standard" or (hugging_face and result.config.strict):
+                raise
+            if hugging_face:  # another model never has a standard form: nothing to warn about
                 warnings.warn(f"standard checkpoint refused, wrote the sift format: {e}", SiftWarning, stacklevel=2)
-                format = "sift"
+            format = "sift" if hugging_face else "compact"
         else:
             with _folder(directory) as tmp:
-                _write_standard(result, config, changed, tmp, max_shard_size)
+                _write_standard(result, config, changed, state, tmp, max_shard_size)
             return "standard"
     with _folder(directory) as tmp:
         if format == "compact":
@@ -121,31 +119,30 @@ class _SavedModule:
         return _SavedModule(module, plan, plan_config(plan), SimpleNamespace(args=args, kwargs=kwargs))
 
 
-def standard_config(result) -> Tuple[Any, Dict[str, Tuple[Any, Any]]]:
-    """(the wider plain model's config, {field: (dense value, written value)}), checked to compute
-    what ``result.module`` computes; or `StandardCheckpointRefused` with the reason."""
+def standard_config(result) -> Tuple[Any, Dict[str, Tuple[Any, Any]], Dict[str, torch.Tensor]]:
+    """(the wider plain model's config, {field: (dense value, written value)}, its state dict),
+    checked to compute what ``result.module`` computes; or `StandardCheckpointRefused` with the reason."""
     module = result.module
     name = type(module).__name__
+    if result.output != "native":
+        raise StandardCheckpointRefused("the result is the graph form, not the model's own class: only that can be "
+                                        "written as a plain checkpoint (result.report.notes say why it is not)")
     if not is_hugging_face(module):
         raise StandardCheckpointRefused(f"{name} is not a Hugging Face model: a standard checkpoint is a "
                                         "transformers folder (use format='compact', or result.save(path))")
-    if result.output != "native":
-        raise StandardCheckpointRefused(f"the result is the graph form, not a {name}: only the model's own class "
-                                        "can be written as a plain checkpoint (see result.report.notes)")
     if result.config.transform not in ("wide", "none"):
         raise StandardCheckpointRefused(
             f"transform {result.config.transform!r} replaces layers with blocks ({_blocks(module)}) that no "
             f"{name} config describes; only Sparse Wide keeps the architecture: use format='sift' or 'compact'")
-    state = baked_state(module)
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
     cls = type(module)
     misses = []
-    for checked, (config, changed) in enumerate(standard_configs(cls, dense_config(module), shapes)):
+    for checked, (config, changed, state) in enumerate(standard_configs(cls, dense_config(module), module,
+                                                                        baked_state(module))):
         if checked == SHAPE_CHECKS:
             break
         why = _compare(result, cls, config, state)
         if why is None:
-            return config, changed
+            return config, changed, state
         misses.append(why)
     raise StandardCheckpointRefused(f"the plain {name} of the widened config computes something else than the "
                                     f"compiled model: {misses[0]} (a size the config cannot express)")
@@ -180,6 +177,9 @@ def _compare(result, cls: type, config: Any, state: Dict[str, torch.Tensor]) -> 
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
         plain = cls(config)
+    weight = next(iter(result.module.parameters()), None)
+    if weight is not None:  # where and in what precision the compiled model computes
+        plain.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
     try:
         plain.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -215,7 +215,8 @@ def _plan(result, checkpoint: str, extra: Optional[Dict[str, Any]] = None) -> Di
     return plan
 
 
-def _write_standard(result, config: Any, changed: Dict[str, Tuple[Any, Any]], tmp: str, max_shard_size: str) -> None:
+def _write_standard(result, config: Any, changed: Dict[str, Tuple[Any, Any]], state: Dict[str, torch.Tensor],
+                    tmp: str, max_shard_size: str) -> None:
     from huggingface_hub import save_torch_state_dict
     module = result.module
     config.architectures = [type(module).__name__]
@@ -223,12 +224,16 @@ def _write_standard(result, config: Any, changed: Dict[str, Tuple[Any, Any]], tm
     generation = getattr(module, "generation_config", None)
     if generation is not None and getattr(module, "can_generate", lambda: False)():
         generation.save_pretrained(tmp)
-    save_torch_state_dict(baked_state(module), tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    masks = {k: pack_bits(v) for k, v in module.state_dict().items() if k in set(_masked_pairs(module.state_dict()).values())}
-    shapes = {k: list(v.shape) for k, v in module.state_dict().items() if k in masks}
-    _save_safetensors(masks, os.path.join(tmp, MASKS_FILE), {"sift_mask_shapes": json.dumps(shapes)})
+    save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    full = module.state_dict()
+    masks = {k: full[k] for k in _masked_pairs(full).values()}  # 1 bit each, in sift's layout
+    shapes = {k: list(v.shape) for k, v in masks.items()}
+    _save_safetensors({k: pack_bits(v) for k, v in masks.items()}, os.path.join(tmp, MASKS_FILE),
+                      {"sift_mask_shapes": json.dumps(shapes)})
     widths = {k: list(v) for k, v in changed.items()}
-    _write_json(os.path.join(tmp, PLAN_FILE), _plan(result, "standard", {"standard_widths": widths}))
+    transposed = sorted(transposed_weights(meta_model(type(module), config), module))
+    _write_json(os.path.join(tmp, PLAN_FILE), _plan(result, "standard", {"standard_widths": widths,
+                                                                         "standard_transposed": transposed}))
 
 
 def _write_compact(result, tmp: str) -> None:
@@ -237,12 +242,13 @@ def _write_compact(result, tmp: str) -> None:
     _write_json(os.path.join(tmp, PLAN_FILE), _plan(result, "compact", {"compact_bytes": state_nbytes(tensors)}))
 
 
-def read_checkpoint_state(directory: str, checkpoint: Optional[str]) -> Dict[str, torch.Tensor]:
+def read_checkpoint_state(directory: str, plan: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The compiled model's state dict (weights and masks) from a standard or compact folder."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     from ..errors import ModelLoadError
     from .compact import decompress_state, unpack_bits
+    checkpoint = plan.get("checkpoint")
 
     def read(name: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
         path = os.path.join(directory, name)
@@ -264,6 +270,8 @@ def read_checkpoint_state(directory: str, checkpoint: Optional[str]) -> Dict[str
     shapes = json.loads(metadata.get("sift_mask_shapes", "{}"))
     for key, bits in packed.items():
         state[key] = unpack_bits(bits, tuple(shapes[key]))
+    for key in plan.get("standard_transposed", ()):  # GPT-2's Conv1D layout back to sift's Linear
+        state[key] = state[key].t().contiguous()
     return state
 
 

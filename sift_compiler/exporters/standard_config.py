@@ -7,8 +7,9 @@ the widened sizes is read from the model, not from a table of field names:
 1. the dense model's shapes (its class built from its config on the meta device) against the
    compiled model's give a map dense size -> widened sizes;
 2. every integer field of the config whose value is a size that changed is a candidate, with
-   the sizes it may take (and ``head_dim``, written explicitly, where the config derives it from
-   ``hidden_size``: a widened residual stream with the attention width kept needs it);
+   the sizes it may take; so are fields left unset whose name says they hold a size (GPT-2's
+   ``n_inner``, derived as 4 x ``n_embd``), and ``head_dim`` where the config derives it from
+   ``hidden_size`` (a widened residual stream with the attention width kept needs it written);
 3. the assignment changing fewest fields whose plain model has exactly the compiled model's state-dict keys and
    shapes is the config; `checkpoints` then checks that it computes the same outputs.
 
@@ -27,6 +28,7 @@ import torch.nn as nn
 
 from ..errors import UserInputError
 
+SIZE_HINTS = ("inner", "intermediate", "ffn", "dim", "size")  # unset fields that may hold a width
 MAX_ASSIGNMENTS = 512  # assignments of candidate fields tried (each builds a model on the meta device)
 
 
@@ -46,12 +48,36 @@ def dense_config(module: nn.Module) -> Any:
     return config
 
 
-def meta_shapes(cls: type, config: Any) -> Dict[str, Tuple[int, ...]]:
-    """State-dict shapes of ``cls(config)``, built on the meta device (no memory, no init)."""
+def meta_model(cls: type, config: Any) -> nn.Module:
+    """``cls(config)`` on the meta device: structure and shapes, no memory, no init."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = cls(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return cls(config)
+
+
+def meta_shapes(cls: type, config: Any) -> Dict[str, Tuple[int, ...]]:
+    """State-dict shapes of ``cls(config)``, built on the meta device (no memory, no init)."""
+    return {k: tuple(v.shape) for k, v in meta_model(cls, config).state_dict().items()}
+
+
+def transposed_weights(plain: nn.Module, compiled: nn.Module) -> Set[str]:
+    """Weights the plain model stores (in, out) where the compiled model holds a Linear (out, in):
+    transformers' ``Conv1D`` (GPT-2), which capture turned into a Linear that a rewrite kept."""
+    found = set()
+    for path, module in plain.named_modules():
+        if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor):
+            try:
+                ours = compiled.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(ours, nn.Linear):
+                found.add(f"{path}.weight" if path else "weight")
+    return found
+
+
+def plain_layout(state: Dict[str, torch.Tensor], transposed: Set[str]) -> Dict[str, torch.Tensor]:
+    """``state`` with the `transposed_weights` in the plain model's (in, out) layout."""
+    return {k: (v.t().contiguous() if k in transposed else v) for k, v in state.items()}
 
 
 def _size_map(dense: Dict[str, Tuple[int, ...]], wide: Dict[str, Tuple[int, ...]]) -> Dict[int, Set[int]]:
@@ -72,6 +98,12 @@ def _candidates(config: Any, sizes: Dict[int, Set[int]]) -> List[Tuple[str, List
     for name, value in values.items():
         if isinstance(value, int) and not isinstance(value, bool) and sizes.get(value, {value}) != {value}:
             fields.append((name, sorted(sizes[value] - {value}) + [value]))
+    # a size left unset derives from others (GPT-2's n_inner = 4 n_embd); Sparse Wide may have made
+    # it something the derivation does not give, so it may have to be written
+    widened = sorted({b for a, bs in sizes.items() for b in bs if b != a})
+    for name, value in values.items():
+        if value is None and name != "head_dim" and any(hint in name for hint in SIZE_HINTS):
+            fields.append((name, [None] + widened))
     heads, hidden = values.get("num_attention_heads"), values.get("hidden_size")
     if values.get("head_dim") is None and isinstance(heads, int) and isinstance(hidden, int) and heads > 0:
         head_dim = hidden // heads  # what the model derives now; a wider hidden_size would change it
@@ -96,10 +128,14 @@ def _mismatch(expected: Dict[str, Tuple[int, ...]], actual: Dict[str, Tuple[int,
     return found
 
 
-def standard_configs(cls: type, config: Any, shapes: Dict[str, Tuple[int, ...]]):
-    """Yield (config, {field: (old, new)}) for each config whose plain ``cls`` has ``shapes``
-    exactly; raise `StandardCheckpointRefused` naming the nearest miss when none does."""
-    dense = meta_shapes(cls, config)
+def standard_configs(cls: type, config: Any, compiled: nn.Module, state: Dict[str, torch.Tensor]):
+    """Yield (config, {field: (old, new)}, the state in the plain layout) for each config whose
+    plain ``cls`` has exactly the shapes of ``state`` (the compiled model's, masks baked in);
+    raise `StandardCheckpointRefused` naming the nearest miss when none does."""
+    dense_model = meta_model(cls, config)
+    state = plain_layout(state, transposed_weights(dense_model, compiled))
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    dense = {k: tuple(v.shape) for k, v in dense_model.state_dict().items()}
     fields = _candidates(config, _size_map(dense, shapes))
     names = [name for name, _ in fields]
     best: Optional[List[str]] = None
@@ -118,7 +154,8 @@ def standard_configs(cls: type, config: Any, shapes: Dict[str, Tuple[int, ...]])
         missed = _mismatch(plain, shapes)
         if not missed:
             found = True
-            yield candidate, {k: (old.get(k), v) for k, v in assignment.items() if v is not None and old.get(k) != v}
+            yield candidate, {k: (old.get(k), v) for k, v in assignment.items() if v is not None and old.get(k) != v}, \
+                state
         elif best is None or len(missed) < len(best):
             best = missed
     if not found:
