@@ -58,6 +58,10 @@ def test_pattern_refusals():
         sift.CompileConfig(transform="wide", sparsity=0.5, pattern="2-4")
     with pytest.raises(UserInputError, match="needs a Sparse-IFT transform"):
         sift.CompileConfig(transform="none", sparsity=0.5, pattern="2:4")
+    with torch.device("meta"):
+        meta_model = MLPStack()
+    with pytest.raises(UserInputError, match="not supported on the meta device"):
+        sift.compile(meta_model, "wide", 0.5, (torch.randn(4, 16, device="meta"),), pattern="2:4")
 
 
 @pytest.mark.parametrize("method", ["static", "rigl"])

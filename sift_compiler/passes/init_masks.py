@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 from ..analyses.layers import LayerAnalysis
 from ..analyses.shapes import ShapeAnalysis
 from ..config import CompileConfig
+from ..errors import UserInputError
 from ..initialization import InitPolicy, LayerDefault, init_fresh_modules
 from ..sparsity.init import init_masks
 from .base import Pass, PassResult
@@ -36,12 +37,15 @@ class InitMasksPass(Pass):
         self.options = options  # None: made from unit.config when the pass runs
 
     def call(self, unit) -> PassResult:
+        options = self.options or InitOptions.of(unit.config)
+        if unit.on_meta and options.nm is not None:  # materialize() draws unstructured masks: refuse, not mislead
+            raise UserInputError(f"pattern {options.nm[0]}:{options.nm[1]} is not supported on the meta device "
+                                 "(sift.materialize draws unstructured masks): compile on a real device")
         if unit.on_meta:  # nothing to draw into: the masks and weights come with materialize()
             unit.notes.append("meta device: masks and new weights are planned, not drawn; sift.materialize(module, "
                               "device, seed) draws them from their (seed, layer) streams")
             return PassResult(False, frozenset({ShapeAnalysis, LayerAnalysis}))
         policy = unit.init_policy or LayerDefault()
-        options = self.options or InitOptions.of(unit.config)
         seed = options.seed
         # the layer default is init_masks' own draw, which can run on threads; a model's own init may not
         own_init = type(policy).draw_masked is not InitPolicy.draw_masked
