@@ -40,6 +40,19 @@ def _third_batch(kwargs):
     return {k: torch.cat([v, v[:1], v[:1]]) for k, v in kwargs.items()}
 
 
+def _pick(model, logits, step, steps):
+    """The greedy token generate() picks with min_new_tokens = steps: end-of-sequence suppressed,
+    except where the config forces it at the last position (BART's forced_eos_token_id)."""
+    config = model.generation_config
+    forced = getattr(config, "forced_eos_token_id", None)
+    if forced is not None and step == steps - 1:
+        return torch.full((logits.shape[0], 1), forced, dtype=torch.long)
+    eos = config.eos_token_id
+    logits = logits[:, -1].clone()
+    logits[:, [eos] if isinstance(eos, int) else list(eos or [])] = float("-inf")
+    return logits.argmax(-1, keepdim=True)
+
+
 def _greedy(model, kind, kwargs, steps=4):
     """generate() with the KV cache, and the same greedy decode recomputing everything each step."""
     if kind == "causal":
@@ -47,9 +60,9 @@ def _greedy(model, kind, kwargs, steps=4):
         generated = model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
         recomputed = prompt
         with torch.no_grad():
-            for _ in range(steps):
-                step = model(input_ids=recomputed, use_cache=False).logits[:, -1:].argmax(-1)
-                recomputed = torch.cat([recomputed, step], 1)
+            for step in range(steps):
+                logits = model(input_ids=recomputed, use_cache=False).logits
+                recomputed = torch.cat([recomputed, _pick(model, logits, step, steps)], 1)
         return generated, recomputed
     source = {k: v for k, v in kwargs.items() if not k.startswith("decoder_")}
     start = torch.full((1, 1), model.config.decoder_start_token_id, dtype=torch.long)
@@ -57,9 +70,9 @@ def _greedy(model, kind, kwargs, steps=4):
                                do_sample=False)
     recomputed = start
     with torch.no_grad():
-        for _ in range(steps):
+        for step in range(steps):
             logits = model(**source, decoder_input_ids=recomputed, use_cache=False).logits
-            recomputed = torch.cat([recomputed, logits[:, -1:].argmax(-1)], 1)
+            recomputed = torch.cat([recomputed, _pick(model, logits, step, steps)], 1)
     return generated[:, -steps:], recomputed[:, -steps:]  # Whisper's generate() leaves out the start token
 
 
@@ -114,7 +127,7 @@ def test_support_matrix_script(tmp_path):
     markdown, raw = tmp_path / "support.md", tmp_path / "support.json"
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "support_matrix.py")
     run_script(script, "--families", "gpt2,qwen3,t5", "--transforms", "wide",
-               "--sparsities", "0.5", "--jobs", "2", "--markdown", str(markdown), "--json", str(raw), timeout=300)
+               "--sparsities", "0.5", "--jobs", "2", "--markdown", str(markdown), "--json", str(raw), timeout=900)
     rows = json.loads(raw.read_text())["rows"]
     assert [(r["family"], r["transform"], r["status"]) for r in rows] == \
         [("gpt2", "wide", "full"), ("qwen3", "wide", "full"), ("t5", "wide", "full")], rows
