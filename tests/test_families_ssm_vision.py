@@ -36,6 +36,9 @@ SLOW = {"mamba2": ("parallel", "wide"), "bamba": ("wide",)}  # what make test ru
 # (family, transform) -> what Sparse Wide cannot express there: a warning that must name it
 EXPECTED_WARNINGS = {
     ("bamba", "wide"): r"self_attn\.q_proj' out: partly sliced",
+    # keep widens only d_model of an SSM: in this 2-layer, d_model 32 model the dense LM head,
+    # widened k = 3.16 times on its input, takes so much of the budget that s' = 0.83
+    ("mamba2", "wide", 0.9): r"denser than the requested s = 0.9",
 }
 # (family, transform) -> why the result is the graph form: the mixer's code reads out_proj.weight
 # itself (for its fused training kernel), which branches/factors do not have
@@ -84,7 +87,7 @@ def _compile_checked(name, transform, sparsity):
         warnings.simplefilter("always", SiftWarning)
         result = sift.compile(case.model, transform, sparsity, case.args, case.kwargs)
     said = [str(w.message) for w in caught if issubclass(w.category, SiftWarning)]
-    expected = EXPECTED_WARNINGS.get((name, transform))
+    expected = EXPECTED_WARNINGS.get((name, transform, sparsity)) or EXPECTED_WARNINGS.get((name, transform))
     if expected:
         assert any(re.search(expected, line) for line in said), said
     else:
