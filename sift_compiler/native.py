@@ -36,7 +36,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import inspect
 import math
+import re
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -130,6 +132,12 @@ def _swap_modules(model: nn.Module, rewrites: Sequence[ModuleRewrite]) -> Tuple[
                            f"{_where(rewrite.location)} that no module of the model owns: its rewrite has no module "
                            "to replace; make it a module (nn.Linear/nn.Conv/nn.LayerNorm) to get the native model")
             continue
+        read = _reads_tensors_of(model, path, rewrite.new) if _structural(rewrite.new) else ""
+        if read:
+            reasons.append(f"{read}, a tensor of layer {path!r}, which {type(rewrite.new).__name__} replaces by a "
+                           "module without one (the model would fail when it takes that path, e.g. in training): "
+                           f"keep those layers dense (--keep-dense '*.{path.rpartition('.')[2]}') to get the native model")
+            continue
         model.set_submodule(path, rewrite.new if _structural(rewrite.new) else _resized_like(found, rewrite.new))
         replaced.append(path)
         if not _structural(rewrite.new) and list(rewrite.old.parameters(recurse=False)):
@@ -155,6 +163,28 @@ def _swap_tied(model: nn.Module, path: str, found: nn.Module, rewrite: ModuleRew
             continue
         tied.append(other)
     return tied
+
+
+def _reads_tensors_of(model: nn.Module, path: str, new: nn.Module) -> str:
+    """Where the code of the module holding ``path`` reads that layer's weight or bias itself
+    (Mamba-2's mixer passes ``self.out_proj.weight`` to its fused training kernel) and ``new``,
+    the module replacing it, has none: "" if nowhere."""
+    parent_path, _, name = path.rpartition(".")
+    parent = _get(model, parent_path) if parent_path else model
+    if parent is None:
+        return ""
+    try:
+        lines, start = inspect.getsourcelines(type(parent))
+        filename = inspect.getsourcefile(type(parent)) or "?"
+    except (OSError, TypeError):
+        return ""
+    pattern = re.compile(rf"self\.{re.escape(name)}\.(weight|bias)\b")
+    for offset, line in enumerate(lines):
+        found = pattern.search(line)
+        if found and not hasattr(new, found.group(1)):
+            where = "/".join(filename.split("/")[-3:])
+            return f"{type(parent).__name__} reads {found.group(0)} at {where}:{start + offset}"
+    return ""
 
 
 def _swap_tensors(model: nn.Module, rewrites: Sequence[TensorRewrite]) -> List[str]:
