@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, TextIO, Tuple
 
 from .errors import UserInputError
 from .registry import get_transform, transform_names
 
 BUDGETS = ("flops", "latency")
 ACTIVATIONS = ("auto", "relu", "gelu", "silu")
+OUTPUTS = ("auto", "native", "graph")   # what `compile` returns (`CompileOptions.output`)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,29 @@ class CompileConfig:
         """Is the result meant to cost what the dense model does? (not for "none", a latency
         budget, an explicit capacity, or a transform registered as not iso-FLOP)"""
         return get_transform(self.transform).iso_flop and self.budget == "flops" and self.capacity is None
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How to run a compilation, beside what it makes (the `CompileConfig`, which a result keeps).
+
+    ``capture_method``: "auto", "fx" or "export" (`capture.capture`); ``output``: "auto", "native" or
+    "graph" (`sift_compiler.compile`); ``progress``: a stream for per-pass progress lines;
+    ``model_name`` and ``source`` (how to rebuild the dense model) go into the report and the saved
+    plan; ``runtime`` and ``latency`` (a `latency.LatencyBudget`) drive the iso-latency search.
+    """
+
+    capture_method: str = "auto"
+    output: str = "auto"
+    progress: Optional[TextIO] = None
+    model_name: str = ""
+    source: Optional[Dict[str, Any]] = None
+    runtime: Optional[str] = None
+    latency: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUTS:
+            raise UserInputError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
 
 
 def config_of(module: Any) -> Optional[CompileConfig]:

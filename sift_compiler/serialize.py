@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
-from .config import CompileConfig
+from .config import CompileConfig, CompileOptions
 from .errors import ModelLoadError, first_line
 from .io import atomic_path, check_writable
 
@@ -119,8 +119,9 @@ def _compile_from_plan(plan: Dict[str, Any], dense: nn.Module, compile_config: C
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()
            if k in CompileConfig.__dataclass_fields__}  # files from older versions may carry removed options
     config = CompileConfig(**cfg)
-    return compile_config(dense, config, tuple(args), kwargs, capture_method=plan.get("capture_method", "auto"),
-                          source=plan.get("source"), output=plan.get("output", "graph"))
+    options = CompileOptions(capture_method=plan.get("capture_method", "auto"), source=plan.get("source"),
+                             output=plan.get("output", "graph"))
+    return compile_config(dense, config, tuple(args), kwargs, options)
 
 
 def _install_state(result, state: Dict[str, torch.Tensor], path: str, allow_tied: bool = False) -> None:

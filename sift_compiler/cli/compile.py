@@ -9,9 +9,8 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
-from ..config import ACTIVATIONS, CompileConfig
+from ..config import ACTIVATIONS, OUTPUTS, CompileConfig
 from ..errors import UserInputError
-from ..native import OUTPUTS
 from ..pipelines import transform_names, transforms_help
 from ._common import all_or_nothing, run_main, sparsity_arg
 
