@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from . import serialize
 from .analyses.flops import FlopAnalysis
+from .capture.modules import is_transformers_model
 from .capture.tracer import capture
 from .config import CompileConfig, CompileOptions, attach_config, config_of
 from .errors import UserInputError
@@ -22,6 +23,7 @@ from .passes.base import ProgressInstrument, TimingInstrument
 from .pipelines import pipeline_for
 from .report import FlopReport, build_report, current_report
 from .shortfall import check_as_asked
+from .sparsity.counts import MaskFreeParameterCount
 from .unit import CompilationUnit
 
 
@@ -189,6 +191,8 @@ def compile_config(model: nn.Module, config: CompileConfig, example_inputs: Any 
     del captured  # the private model copy: it is the native module now, or no longer needed
     attach_config(unit.module, config)  # lets flops()/export recognise a compiled module
     attach_config(module, config)
+    if chosen == "native" and is_transformers_model(module):
+        module.num_parameters = MaskFreeParameterCount(module)  # masks are bool parameters, not weights
     report = current_report(unit, name, method)
     result = CompileResult(module, report, unit, config, method, timing.timings, options.source, chosen)
     if chosen == "native":

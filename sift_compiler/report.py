@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from .analyses.flops import CATEGORIES, FlopAnalysis, FlopCounts
 from .analyses.layers import LayerTable
+from .sparsity.counts import count_parameters
 from .unit import CompilationUnit, LayerDecision
 
 
@@ -52,6 +53,7 @@ class FlopReport:
     uncounted_ops: List[str] = field(default_factory=list)
     budget: str = "flops"             # "latency": sized by measured latency, not iso-FLOP (sift_compiler.latency)
     capacity: Optional[float] = None  # the transform's size when set instead of the iso-FLOP formula
+    parameters: Dict[str, int] = field(default_factory=dict)  # dense, sift, nonzero, masks (masks are not parameters)
 
     @property
     def flop_ratio(self) -> float:
@@ -114,6 +116,10 @@ class FlopReport:
             rows.append(f"{'per token (all ops)':<22}{_fmt(self.total_dense_flops / tokens):>14}"
                         f"{_fmt(self.total_sift_flops / tokens):>14}"
                         f"{_ratio(self.total_sift_flops, self.total_dense_flops):>9}")
+        if self.parameters:
+            p = self.parameters
+            rows.append(f"{'parameters':<22}{_fmt(p['dense']):>14}{_fmt(p['sift']):>14}{_ratio(p['sift'], p['dense']):>9}"
+                        f"  (non-zero {_fmt(p['nonzero'])}; the {_fmt(p['masks'])} mask entries are not parameters)")
         if self.budget == "latency":
             rows.append(f"FLOP ratio (weight layers, sift/dense; budget latency, not iso-FLOP): {self.flop_ratio:.4f}")
         else:
@@ -176,7 +182,14 @@ def build_report(unit, baseline_layers: LayerTable, final: FlopCounts, model: st
         categories={"dense": baseline.by_category(), "sift": final.by_category()}, layers=layers,
         input_shape=list(_input_shape(unit)), input_dtype=_input_dtype(unit), model=model, capture=capture,
         notes=list(unit.notes), uncounted_ops=list(final.uncounted), budget=unit.config.budget,
-        capacity=unit.config.capacity)
+        capacity=unit.config.capacity, parameters=_parameters(unit))
+
+
+def _parameters(unit) -> Dict[str, int]:
+    """Parameter elements, dense (before any pass) and now; masks are counted apart (`sparsity.counts`)."""
+    now = count_parameters(unit.module)
+    dense = unit.dense_baseline.parameters if unit.dense_baseline is not None else now.total
+    return {"dense": dense, "sift": now.total, "nonzero": now.nonzero, "masks": now.masks}
 
 
 def _input_shape(unit):

@@ -112,6 +112,7 @@ class Baseline:
     flops: "FlopCounts"      # the iso-FLOP target (``weight_dense``)
     layers: "LayerTable"     # the dense weight layers (the report's rows)
     outputs: Any             # output TensorSpecs (VerifyPass: the rewrite keeps shapes and dtypes)
+    parameters: int = 0      # parameter elements, masks not counted (`sparsity.counts`)
 
 
 class CompilationUnit:
@@ -147,8 +148,10 @@ class CompilationUnit:
         from .analyses.flops import FlopAnalysis
         from .analyses.layers import LayerAnalysis
         from .analyses.shapes import ShapeAnalysis
+        from .sparsity.counts import count_parameters
         self.dense_baseline = Baseline(self.analyses.get(FlopAnalysis), self.analyses.get(LayerAnalysis),
-                                       self.analyses.get(ShapeAnalysis).outputs(self.module))
+                                       self.analyses.get(ShapeAnalysis).outputs(self.module),
+                                       count_parameters(self.module).total)
         return self.dense_baseline
 
     @property
