@@ -27,12 +27,10 @@ from .registry import (CapacityRule, PipelineFactory, TransformSpec, get_transfo
                        pipeline_names, register_pipeline, register_transform, transform_names, transforms_help)
 
 
-def pipeline_for(config: CompileConfig, instruments: Sequence[PassInstrument] = (), steps: int = 1) -> PassManager:
+def pipeline_for(config: CompileConfig, instruments: Sequence[PassInstrument] = ()) -> PassManager:
     """The pipeline of ``config.transform``, built for ``config``."""
     spec = get_transform(config.transform)
-    manager = PassManager(spec.passes(config), name=spec.pipeline, instruments=instruments)
-    manager.steps = steps
-    return manager
+    return PassManager(spec.passes(config), name=spec.pipeline, instruments=instruments)
 
 
 def get_pipeline(name: str, config: CompileConfig, instruments: Sequence[PassInstrument] = ()) -> PassManager:

@@ -52,6 +52,10 @@ class AnalysisManager:
         self.computed[analysis.name] = self.computed.get(analysis.name, 0) + 1
         return result
 
+    def cached(self) -> FrozenSet[type]:
+        """The analyses with a result cached, current or not."""
+        return frozenset(self._cache)
+
     def is_current(self, analysis: type) -> bool:
         """Is a result of ``analysis`` cached for the unit as it is now?"""
         cached = self._cache.get(analysis)
