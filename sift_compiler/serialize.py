@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .config import CompileConfig, CompileOptions
 from .errors import ModelLoadError, first_line
-from .io import atomic_path, check_writable
+from .io import atomic_path, check_writable, load_weights_only
 
 FORMAT = "sift-compiler/1"
 
@@ -88,12 +88,8 @@ def _version() -> str:
 
 def read(path: str) -> Dict[str, Any]:
     """The saved dict, read without executing code (weights_only)."""
-    if not os.path.exists(path):
-        raise ModelLoadError(f"compiled model file {path!r} does not exist")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(f"{path!r} is not a sift-compiler model file: {first_line(e)}") from None
+    content = load_weights_only(path, "compiled model file {path!r} does not exist",
+                                "{path!r} is not a sift-compiler model file: {reason}")
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise ModelLoadError(f"{path!r} is not a sift-compiler model file (format {FORMAT})")
     return content

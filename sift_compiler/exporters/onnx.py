@@ -29,7 +29,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import os
@@ -45,6 +44,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from ..capture.modules import eval_mode
 from ..capture.tracer import graph_of
 from ..config import config_of
 from ..errors import ExportError, UserInputError, VerificationFailed, first_line
@@ -140,16 +140,7 @@ def _dynamic_axes(names, inputs, output_names, outputs) -> Dict[str, Dict[int, s
     return axes
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    """Evaluate ``module`` in eval mode and give every submodule its training flag back."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, flag in flags:
-            m.training = flag
+_eval_mode = eval_mode
 
 
 def _tensors(tree) -> List[torch.Tensor]:

@@ -13,6 +13,7 @@ from typing import Any, Dict
 import torch.fx as fx
 import torch.nn as nn
 
+from ..capture.modules import submodule_or_none
 from ..capture.tracer import SiftTracer
 
 
@@ -68,10 +69,7 @@ def _traced(module: nn.Module) -> fx.Graph:
 
 
 def _registered(gm: fx.GraphModule, path: str, module: nn.Module) -> bool:
-    try:
-        return gm.get_submodule(path) is module
-    except AttributeError:
-        return False
+    return submodule_or_none(gm, path) is module
 
 
 def finish_edits(unit) -> None:
