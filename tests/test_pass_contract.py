@@ -455,3 +455,15 @@ def test_pass_manager_runs_each_pass_once_and_says_whether_any_modified():
     p.calls = 2
     assert PassManager([p]).run(unit) is False and p.calls == 3
 
+
+
+def test_what_a_postcondition_computed_is_kept_for_the_next_pass():
+    """A rewrite's ensures propagates shapes on the graph it left: compensation reuses that result
+    (shapes run once for the baseline and once after the rewrite, not again), and an analysis the
+    ensures did not compute is still dropped."""
+    unit = CompilationUnit(sift.capture(SmallCNN(), (example(),)).module, (example(),),
+                           config=CompileConfig("parallel", 0.75), record_baseline=True)
+    before = dict(unit.analyses.computed)
+    PassManager([SparseParallelPass(0.75, defer_init=True), *finish_passes(CompileConfig("parallel", 0.75))]).run(unit)
+    assert unit.analyses.computed["shapes"] - before["shapes"] == 1
+    assert unit.analyses.computed["flops"] - before["flops"] >= 1

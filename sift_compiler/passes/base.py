@@ -69,7 +69,11 @@ class Pass:
         if not result.modified and unit.generation != start:
             raise pass_error(self.name, None, "returned modified=False but changed the unit (its generation moved "
                              f"from {start} to {unit.generation}: a graph edit or a mask edit)", history)
-        self._check("postcondition", self.ensures, unit, history, PostconditionError)
+        unit.analyses.watch()
+        try:
+            self._check("postcondition", self.ensures, unit, history, PostconditionError)
+        finally:
+            unit.analyses.stop_watching()
         return result
 
     def _check(self, what: str, condition, unit: "CompilationUnit", history: Sequence[str], cls: type) -> None:
@@ -143,7 +147,8 @@ class PassManager:
                 instrument.run_before_pass(unit, p)
             start = unit.generation
             result = p(unit)
-            unit.analyses.invalidate(result.preserved if result.modified else _everything(unit), start)
+            unit.analyses.invalidate(result.preserved if result.modified else _everything(unit), start,
+                                     current=unit.analyses.postcondition)
             unit.history.append(p.name)
             modified |= result.modified
             log.debug("%s: modified=%s", p.name, result.modified)
