@@ -10,7 +10,7 @@
 from . import deploy, latency, sparsity
 from .api import CompileResult, compile, flops, load
 from .capture import capture, leaf_module, load_model
-from .config import CompileConfig
+from .config import CompileConfig, CompileOptions
 from .errors import (CaptureError, ExportError, ModelLoadError, PassError, SiftError, UnsupportedOpError,
                      UserInputError)
 from .exporters.checkpoints import save_pretrained
@@ -23,7 +23,7 @@ from .serialize import save
 from .unit import CompilationUnit
 from .version import __version__
 
-__all__ = ["compile", "flops", "CompileResult", "CompileConfig", "CompilationUnit", "FlopReport", "capture",
+__all__ = ["compile", "flops", "CompileResult", "CompileConfig", "CompileOptions", "CompilationUnit", "FlopReport", "capture",
            "leaf_module", "load_model", "export_onnx", "get_pipeline", "pipeline_names", "register_pipeline",
            "register_transform", "transform_names", "CapacityRule",
            "load", "save", "save_pretrained", "sparsity", "deploy", "init_weights", "materialize", "latency", "SiftError", "UserInputError", "ModelLoadError", "CaptureError",

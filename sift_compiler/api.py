@@ -13,16 +13,18 @@ import torch.nn as nn
 from . import serialize
 from .analyses.flops import FlopAnalysis
 from .capture.experts import EXPERTS_KEPT_FUSED
+from .capture.modules import is_transformers_model
 from .capture.tracer import capture
-from .config import CompileConfig, attach_config, config_of
+from .config import CompileConfig, CompileOptions, attach_config, config_of
 from .errors import UserInputError
 from .initialization import init_policy_for
 from .latency import LatencyBudget, Probe, check_runtime, search
-from .native import OUTPUTS, build_native, check_native
+from .native import build_native, check_native
 from .passes.base import ProgressInstrument, TimingInstrument
 from .pipelines import pipeline_for
 from .report import FlopReport, build_report, current_report
 from .shortfall import check_as_asked
+from .sparsity.counts import MaskFreeParameterCount
 from .unit import CompilationUnit
 
 
@@ -74,16 +76,14 @@ def _as_tuple(example_inputs: Any) -> Tuple[Any, ...]:
 _UNSET: Any = object()  # marks a sparsity not passed (compile(model, config, example_inputs))
 
 
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(CompileConfig))
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(CompileOptions))
+
+
 def compile(model: nn.Module, transform: Union[str, CompileConfig] = "parallel", sparsity: Any = _UNSET,
             example_inputs: Any = (), example_kwargs: Optional[Dict[str, Any]] = None, *,
-            seed: int = 0, keep_dense: Sequence[str] = (), activation: str = "auto", linear_norm: bool = False,
-            round_to: int = 1, attention_width: str = "keep", kernel_head_dims: bool = False,
-            capture_method: str = "auto",
-            progress: Optional[TextIO] = None, model_name: str = "", source: Optional[Dict[str, Any]] = None,
-            output: str = "auto", budget: str = "flops", capacity: Optional[float] = None,
-            runtime: Optional[str] = None, latency: Optional[Any] = None,
-            strict: bool = False, flop_tolerance: Optional[float] = None,
-            pattern: str = "unstructured") -> CompileResult:
+            config: Optional[CompileConfig] = None, options: Optional[CompileOptions] = None,
+            **keywords: Any) -> CompileResult:
     """Capture ``model`` and rewrite it with a Sparse-IFT transform at equal FLOPs.
 
     >>> import sift_compiler as sift, torch, torchvision
@@ -95,19 +95,22 @@ def compile(model: nn.Module, transform: Union[str, CompileConfig] = "parallel",
     >>> config = sift.CompileConfig(transform="wide", sparsity=0.9, seed=1)
     >>> result = sift.compile(torchvision.models.resnet18(), config, (x,))   # the same, from a config
 
-    ``transform``: a registered transform name ("none" for the dense baseline, "parallel",
-    "factorized", "doped", "wide", or one added with `pipelines.register_transform`), or a whole
-    `CompileConfig`; then the next positional arguments are ``example_inputs`` (and
-    ``example_kwargs``) and the options the config holds (sparsity, seed, keep_dense, activation,
-    linear_norm, round_to, attention_width, kernel_head_dims, budget, capacity, strict, flop_tolerance, pattern) must not be
-    passed again. ``sparsity``: s in [0, 1) (default 0.75). ``seed`` fixes the masks and every new
-    weight (the caller's torch RNG state is neither used nor advanced). The user's ``model`` is not
-    modified. A transform that could not be applied as asked (layers kept at width, s' far from s:
-    see `shortfall`) warns with a `SiftWarning`; ``strict=True`` makes it a `ShortfallError`.
-    ``output``: "auto" returns a new object of the model's own class with the rewritten modules
-    in it whenever that computes exactly what the graph computes (`native`), else the graph form
-    with a note saying why; "native" raises `UserInputError` instead of falling back; "graph"
-    always returns the `torch.fx.GraphModule`.
+    What to make is a `CompileConfig`; how to run it, a `CompileOptions`. Either comes whole
+    (``transform=config`` or ``config=``, ``options=``) or as keywords named after their fields
+    (``seed=1``, ``keep_dense=[...]``, ``output="graph"``, ``progress=sys.stderr``...); a keyword
+    that is no field of either is refused, and so is a config field given twice. ``transform``: a
+    registered transform name ("none" for the dense baseline, "parallel", "factorized", "doped",
+    "wide", or one added with `registry.register_transform`), or a whole `CompileConfig`; then the
+    next positional arguments are ``example_inputs`` (and ``example_kwargs``). ``sparsity``: s in
+    [0, 1) (default 0.75).
+
+    ``seed`` fixes the masks and every new weight (the caller's torch RNG state is neither used
+    nor advanced). The user's ``model`` is not modified. A transform that could not be applied as
+    asked (layers kept at width, s' far from s: see `shortfall`) warns with a `SiftWarning`;
+    ``strict=True`` makes it a `ShortfallError`. ``output``: "auto" returns a new object of the
+    model's own class with the rewritten modules in it whenever that computes exactly what the
+    graph computes (`native`), else the graph form with a note saying why; "native" raises
+    `UserInputError` instead of falling back; "graph" always returns the `torch.fx.GraphModule`.
 
     ``capacity`` sets the transform's size instead of the iso-FLOP formula (`CompileConfig`);
     ``budget="latency"`` keeps the sparse layers at ``sparsity`` (not iso-FLOP) and, without a
@@ -119,26 +122,30 @@ def compile(model: nn.Module, transform: Union[str, CompileConfig] = "parallel",
     ``pattern="2:4"`` (any "N:M") draws transposable N:M masks at s = 1 - N/M, e.g.
     ``compile(model, "wide", 0.5, (x,), pattern="2:4")`` for GPU 2:4 kernels (`CompileConfig`).
     """
+    unknown = sorted(set(keywords) - set(_CONFIG_FIELDS) - set(_OPTION_FIELDS))
+    if unknown:
+        raise UserInputError(f"compile() got unknown options {', '.join(unknown)}: the options are the fields of "
+                             f"CompileConfig ({', '.join(_CONFIG_FIELDS[2:])}) and of CompileOptions "
+                             f"({', '.join(_OPTION_FIELDS)})")
+    config_keywords = {k: v for k, v in keywords.items() if k in _CONFIG_FIELDS}
+    option_keywords = {k: v for k, v in keywords.items() if k in _OPTION_FIELDS}
     if isinstance(transform, CompileConfig):
+        if config is not None:
+            raise UserInputError("compile(model, config, ..., config=...): one CompileConfig, not two")
         config = transform
         example_inputs, example_kwargs = _inputs_after_config(sparsity, example_inputs, example_kwargs)
-        passed = dict(seed=seed, keep_dense=tuple(keep_dense), activation=activation, linear_norm=linear_norm,
-                      round_to=round_to, attention_width=attention_width, kernel_head_dims=kernel_head_dims,
-                      budget=budget, capacity=capacity, strict=strict, flop_tolerance=flop_tolerance, pattern=pattern)
-        defaults = CompileConfig()
-        twice = [k for k, v in passed.items() if v != getattr(defaults, k)]
+    if config is not None:
+        twice = [k for k in _CONFIG_FIELDS if k in config_keywords]
         if twice:
             raise UserInputError(f"compile(model, config, ...): {', '.join(twice)} belong in the CompileConfig, "
                                  "not in keywords too")
     else:
-        config = CompileConfig(transform=transform, sparsity=0.75 if sparsity is _UNSET else sparsity, seed=seed,
-                               keep_dense=tuple(keep_dense), activation=activation, linear_norm=linear_norm,
-                               round_to=round_to, attention_width=attention_width,
-                               kernel_head_dims=kernel_head_dims, capacity=capacity,
-                               budget=budget, strict=strict, flop_tolerance=flop_tolerance, pattern=pattern)
-    return compile_config(model, config, example_inputs, example_kwargs, capture_method=capture_method,
-                          progress=progress, model_name=model_name, source=source, output=output,
-                          runtime=runtime, latency=latency)
+        if "keep_dense" in config_keywords:
+            config_keywords["keep_dense"] = tuple(config_keywords["keep_dense"])
+        config = CompileConfig(transform=transform, sparsity=0.75 if sparsity is _UNSET else sparsity,
+                               **config_keywords)
+    options = dataclasses.replace(options or CompileOptions(), **option_keywords)
+    return compile_config(model, config, example_inputs, example_kwargs, options)
 
 
 def _inputs_after_config(sparsity: Any, example_inputs: Any, example_kwargs: Any) -> Tuple[Any, Any]:
@@ -155,17 +162,14 @@ def _inputs_after_config(sparsity: Any, example_inputs: Any, example_kwargs: Any
 
 
 def compile_config(model: nn.Module, config: CompileConfig, example_inputs: Any = (),
-                   example_kwargs: Optional[Dict[str, Any]] = None, *, capture_method: str = "auto",
-                   progress: Optional[TextIO] = None, model_name: str = "", source: Optional[Dict[str, Any]] = None,
-                   output: str = "auto", runtime: Optional[str] = None, latency: Optional[Any] = None,
-                   steps: int = 1) -> CompileResult:
-    """`compile` with the options in a `CompileConfig` (what `compile` calls; ``steps``: see `PassManager`)."""
-    if output not in OUTPUTS:
-        raise UserInputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+                   example_kwargs: Optional[Dict[str, Any]] = None,
+                   options: Optional[CompileOptions] = None) -> CompileResult:
+    """`compile` with what to make in a `CompileConfig` and how in a `CompileOptions` (what `compile` calls)."""
+    options = options or CompileOptions()
     if config.budget == "latency" and config.capacity is None and config.transform != "none":
-        options = dict(capture_method=capture_method, model_name=model_name, source=source, output=output)
-        return compile_for_latency(model, config, example_inputs, example_kwargs, runtime, latency, options,
-                                   log=progress)
+        return compile_for_latency(model, config, example_inputs, example_kwargs, options.runtime, options.latency,
+                                   dataclasses.replace(options, progress=None), log=options.progress)
+    capture_method, progress, output = options.capture_method, options.progress, options.output
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     timing = TimingInstrument()
     captured = capture(model, args, kwargs, method=capture_method)
@@ -174,14 +178,14 @@ def compile_config(model: nn.Module, config: CompileConfig, example_inputs: Any 
     unit.notes.extend(n for n in captured.notes if n.startswith(("meta device", EXPERTS_KEPT_FUSED)))
     unit.init_policy = init_policy_for(captured.model)
     instruments = [timing] + ([ProgressInstrument(progress)] if progress is not None else [])
-    pipeline = pipeline_for(config, instruments, steps)
+    pipeline = pipeline_for(config, instruments)
     # New parameters (dense factors, norms) come from the seed, not from the caller's RNG state,
     # which stays untouched; sparse weights and masks have per-layer streams of their own.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         pipeline.run(unit)
     check_as_asked(unit)  # warns, or raises with strict=True
-    name = model_name or type(model).__name__
+    name = options.model_name or type(model).__name__
     module, chosen = unit.module, "graph"
     if output != "graph":
         start = time.perf_counter()
@@ -198,8 +202,10 @@ def compile_config(model: nn.Module, config: CompileConfig, example_inputs: Any 
     del captured  # the private model copy: it is the native module now, or no longer needed
     attach_config(unit.module, config)  # lets flops()/export recognise a compiled module
     attach_config(module, config)
+    if chosen == "native" and is_transformers_model(module):
+        module.num_parameters = MaskFreeParameterCount(module)  # masks are bool parameters, not weights
     report = current_report(unit, name, method)
-    result = CompileResult(module, report, unit, config, method, timing.timings, source, chosen)
+    result = CompileResult(module, report, unit, config, method, timing.timings, options.source, chosen)
     if chosen == "native":
         serialize.attach_plan(result)
     return result
@@ -253,29 +259,31 @@ def flops(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[D
 
 
 def compile_for_latency(model, config, example_inputs, example_kwargs,
-                        runtime: Optional[str], latency: Optional[LatencyBudget], options: Dict[str, Any],
-                        log: Optional[TextIO] = None, measured: Optional[Dict[float, Probe]] = None):
+                        runtime: Optional[str], latency: Optional[LatencyBudget],
+                        options: Union[CompileOptions, Dict[str, Any], None] = None,
+                        log: Optional[TextIO] = None, measured: Optional[Dict[float, Probe]] = None) -> CompileResult:
     """`sift_compiler.compile` with ``budget="latency"`` and no capacity: search it, return the chosen model.
 
     ``config``: the `CompileConfig` (its transform and sparsity; budget and capacity are set per
-    candidate); ``options``: the other keywords of `api.compile_config` (model_name, output...).
+    candidate); ``options``: a `CompileOptions` (or a dict of its fields: model_name, output...).
     The result's ``latency`` holds the `LatencySearch`; its report notes the chosen capacity.
     """
     check_runtime(runtime)
+    options = options if isinstance(options, CompileOptions) else CompileOptions(**(options or {}))
     budget = latency or LatencyBudget()
     transform, sparsity = config.transform, config.sparsity
 
     def compile_at(capacity: Optional[float], output: str = "graph"):  # candidates need no native model
-        settings = {**options, "output": output}
+        settings = dataclasses.replace(options, output=output)
         if capacity is None:
             dense = dataclasses.replace(config, transform="none", sparsity=0.0, budget="flops", capacity=None)
-            return compile_config(model, dense, example_inputs, example_kwargs, **settings)
+            return compile_config(model, dense, example_inputs, example_kwargs, settings)
         candidate = dataclasses.replace(config, budget="latency", capacity=capacity)
-        return compile_config(model, candidate, example_inputs, example_kwargs, **settings)
+        return compile_config(model, candidate, example_inputs, example_kwargs, settings)
     if not isinstance(config, CompileConfig):
         raise TypeError(f"compile_for_latency takes a CompileConfig, not {type(config).__name__}")
     found = search(transform, sparsity, compile_at, example_inputs, example_kwargs, runtime, budget, log, measured)
-    result = compile_at(found.capacity, options.get("output", "auto"))
+    result = compile_at(found.capacity, options.output)
     result.latency = found
     result.report.notes.append(
         f"iso-latency: capacity {found.capacity:g} (iso-FLOP {found.iso_flop_capacity:.4g}) measured at "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, TextIO, Tuple
 
 from .errors import UserInputError
 from .registry import get_transform, transform_names
@@ -11,6 +11,7 @@ from .sparsity.nm import parse_nm_pattern as parse_pattern
 
 BUDGETS = ("flops", "latency")
 ACTIVATIONS = ("auto", "relu", "gelu", "silu")
+OUTPUTS = ("auto", "native", "graph")   # what `compile` returns (`CompileOptions.output`)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,29 @@ class CompileConfig:
         budget, an explicit capacity, or a transform registered as not iso-FLOP)"""
         return (get_transform(self.transform).iso_flop and self.budget == "flops" and self.capacity is None
                 and self.nm is None)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How to run a compilation, beside what it makes (the `CompileConfig`, which a result keeps).
+
+    ``capture_method``: "auto", "fx" or "export" (`capture.capture`); ``output``: "auto", "native" or
+    "graph" (`sift_compiler.compile`); ``progress``: a stream for per-pass progress lines;
+    ``model_name`` and ``source`` (how to rebuild the dense model) go into the report and the saved
+    plan; ``runtime`` and ``latency`` (a `latency.LatencyBudget`) drive the iso-latency search.
+    """
+
+    capture_method: str = "auto"
+    output: str = "auto"
+    progress: Optional[TextIO] = None
+    model_name: str = ""
+    source: Optional[Dict[str, Any]] = None
+    runtime: Optional[str] = None
+    latency: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUTS:
+            raise UserInputError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
 
 
 def config_of(module: Any) -> Optional[CompileConfig]:

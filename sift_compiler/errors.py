@@ -48,10 +48,6 @@ class PostconditionError(PassError):
     """A pass produced a unit that breaks one of its invariants (iso-FLOP, masks, shapes)."""
 
 
-class StaleAnalysisError(SiftError):
-    """An analysis result was read after the graph it describes was changed."""
-
-
 class UnsupportedOpError(SiftError):
     """The graph holds an op that an analysis does not understand and cannot safely ignore."""
 

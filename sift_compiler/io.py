@@ -4,9 +4,22 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
 
-from .errors import UserInputError
+from .errors import ModelLoadError, UserInputError, first_line
+
+
+def load_weights_only(path: str, missing: str, unreadable: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: no code from the file runs. A file that is
+    not there raises ModelLoadError(``missing``), one torch cannot read this way ModelLoadError(
+    ``unreadable``); both are formatted with ``path`` and ``reason`` (the error's first line)."""
+    import torch
+    if not os.path.exists(path):
+        raise ModelLoadError(missing.format(path=path, reason=""))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(unreadable.format(path=path, reason=first_line(e))) from None
 
 
 def check_writable(path: str, what: str = "output") -> None:

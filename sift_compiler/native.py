@@ -47,11 +47,12 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from .capture.modules import eval_mode, submodule_or_none
+from .config import OUTPUTS  # noqa: F401  (re-exported: the forms compile returns)
 from .errors import first_line
 from .unit import CompilationUnit, LiteralRewrite, ModuleRewrite, TensorRewrite
 
 NATIVE_RTOL = 1e-5
-OUTPUTS = ("auto", "native", "graph")
 
 
 @dataclass
@@ -63,11 +64,7 @@ class NativeBuild:
     notes: List[str] = field(default_factory=list)     # what was done to get there
 
 
-def _get(root: nn.Module, path: str) -> Optional[nn.Module]:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
+_get = submodule_or_none
 
 
 def _holds(found: nn.Module, called: nn.Module) -> bool:
@@ -352,19 +349,15 @@ def _eval_outputs(module: nn.Module, args, kwargs) -> List[torch.Tensor]:
     masked layers run as an engine runs them (no ``W * M`` product, no float copy of the masks:
     at 0.9 that is as much memory as the weights)."""
     from .sparsity.layers import iter_masked
-    flags = [(m, m.training) for m in module.modules()]
     masked = [layer for _, layer in iter_masked(module) if not layer.engine_managed]
-    module.eval()
     try:
         for layer in masked:
             layer.engine_managed = True
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(module):
             return _leaves(module(*args, **kwargs))
     finally:
         for layer in masked:
             layer.engine_managed = False
-        for m, flag in flags:
-            m.training = flag
 
 
 def _failure(error: BaseException) -> str:

@@ -11,7 +11,7 @@ Pipelines build their passes from frozen option objects made from the `CompileCo
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 from .config import CompileConfig
 from .passes.base import Pass, PassInstrument, PassManager
@@ -27,12 +27,10 @@ from .registry import (CapacityRule, PipelineFactory, TransformSpec, get_transfo
                        pipeline_names, register_pipeline, register_transform, transform_names, transforms_help)
 
 
-def pipeline_for(config: CompileConfig, instruments: Sequence[PassInstrument] = (), steps: int = 1) -> PassManager:
+def pipeline_for(config: CompileConfig, instruments: Sequence[PassInstrument] = ()) -> PassManager:
     """The pipeline of ``config.transform``, built for ``config``."""
     spec = get_transform(config.transform)
-    manager = PassManager(spec.passes(config), name=spec.pipeline, instruments=instruments)
-    manager.steps = steps
-    return manager
+    return PassManager(spec.passes(config), name=spec.pipeline, instruments=instruments)
 
 
 def get_pipeline(name: str, config: CompileConfig, instruments: Sequence[PassInstrument] = ()) -> PassManager:
@@ -54,33 +52,23 @@ def dense_baseline_pipeline(config: CompileConfig) -> List[Pass]:
     return [VerifyPass(VerifyOptions.of(config))]
 
 
-@register_pipeline("sparse-parallel")
-def sparse_parallel_pipeline(config: CompileConfig) -> List[Pass]:
-    o = RewriteOptions.of(config)
-    return [SparseParallelPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity, options=o),
-            *finish_passes(config)]
+def rewrite_pipeline(make_rewrite: Callable[[RewriteOptions], Pass]) -> PipelineFactory:
+    """A pipeline factory: the rewrite ``make_rewrite`` builds from the config's `RewriteOptions`,
+    then `finish_passes` (what the four built-in transforms are, and a user's usually is)."""
+    def factory(config: CompileConfig) -> List[Pass]:
+        return [make_rewrite(RewriteOptions.of(config)), *finish_passes(config)]
+    return factory
 
 
-@register_pipeline("sparse-factorized")
-def sparse_factorized_pipeline(config: CompileConfig) -> List[Pass]:
-    o = RewriteOptions.of(config)
-    return [SparseFactorizedPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity, options=o),
-            *finish_passes(config)]
-
-
-@register_pipeline("sparse-doped")
-def sparse_doped_pipeline(config: CompileConfig) -> List[Pass]:
-    o = RewriteOptions.of(config)
-    return [SparseDopedPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity, options=o),
-            *finish_passes(config)]
-
-
-@register_pipeline("sparse-wide")
-def sparse_wide_pipeline(config: CompileConfig) -> List[Pass]:
-    o = RewriteOptions.of(config)
-    return [SparseWidePass(o.sparsity, o.round_to, defer_init=o.defer_init, factor=o.capacity, options=o,
-                           kernel_head_dims=o.kernel_head_dims),
-            *finish_passes(config)]
+sparse_parallel_pipeline = register_pipeline("sparse-parallel")(rewrite_pipeline(
+    lambda o: SparseParallelPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity, options=o)))
+sparse_factorized_pipeline = register_pipeline("sparse-factorized")(rewrite_pipeline(
+    lambda o: SparseFactorizedPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity, options=o)))
+sparse_doped_pipeline = register_pipeline("sparse-doped")(rewrite_pipeline(
+    lambda o: SparseDopedPass(o.sparsity, defer_init=o.defer_init, capacity=o.capacity, options=o)))
+sparse_wide_pipeline = register_pipeline("sparse-wide")(rewrite_pipeline(
+    lambda o: SparseWidePass(o.sparsity, o.round_to, defer_init=o.defer_init, factor=o.capacity, options=o,
+                                kernel_head_dims=o.kernel_head_dims)))
 
 
 register_transform("none", "dense-baseline", None, "the dense baseline (no rewrite)", iso_flop=False)

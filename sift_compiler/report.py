@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from .analyses.flops import CATEGORIES, FlopAnalysis, FlopCounts, parameter_counts
 from .analyses.layers import LayerTable
+from .sparsity.counts import count_parameters
 from .unit import CompilationUnit, LayerDecision
 
 
@@ -52,8 +53,9 @@ class FlopReport:
     uncounted_ops: List[str] = field(default_factory=list)
     budget: str = "flops"             # "latency": sized by measured latency, not iso-FLOP (sift_compiler.latency)
     capacity: Optional[float] = None  # the transform's size when set instead of the iso-FLOP formula
-    # {"dense"|"sift": {"total", "active", "nonzero", "active_nonzero"}}: floating-point parameters;
-    # active = what one token uses (top_k of num_experts experts in a mixture of experts)
+    # {"dense"|"sift": {"total", "active", "nonzero", "active_nonzero"}, and sift's "masks"}: floating-point
+    # parameters; active = what one token uses (top_k of num_experts experts in a mixture of experts);
+    # masks (bool parameters, so FSDP2 shards them) are counted apart, never as parameters
     parameters: Dict[str, Dict[str, int]] = field(default_factory=dict)
 
     @property
@@ -131,7 +133,9 @@ class FlopReport:
     def _parameter_rows(self) -> List[str]:
         if not self.parameters:
             return []
-        rows = [f"{'parameters':<22}{'dense':>14}{'sift':>14}{'non-zero':>11}"]
+        masks = self.parameters["sift"].get("masks", 0)
+        rows = [f"{'parameters':<22}{'dense':>14}{'sift':>14}{'non-zero':>11}"
+                + (f"  (the {_fmt(masks)} mask entries are not parameters)" if masks else "")]
         for key, label in (("total", "total"), ("active", "active per token")):
             dense, sift = self.parameters["dense"], self.parameters["sift"]
             nonzero = sift["nonzero" if key == "total" else "active_nonzero"]
@@ -198,7 +202,9 @@ def _parameters(unit) -> Dict[str, Dict[str, int]]:
     dense = unit.dense_baseline.parameters if unit.dense_baseline is not None else None
     if dense is None:
         return {}
-    return {"dense": asdict(dense), "sift": asdict(parameter_counts(unit.module))}
+    sift = asdict(parameter_counts(unit.module))
+    sift["masks"] = count_parameters(unit.module).masks
+    return {"dense": asdict(dense), "sift": sift}
 
 
 def _input_shape(unit):

@@ -26,9 +26,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .config import CompileConfig
+from .config import CompileConfig, CompileOptions
 from .errors import ModelLoadError, first_line
-from .io import atomic_path, check_writable
+from .io import atomic_path, check_writable, load_weights_only
 
 FORMAT = "sift-compiler/1"
 CHECKPOINT_PLAN = "sift_plan.json"  # a standard or compact folder (`exporters.checkpoints`)
@@ -89,12 +89,8 @@ def _version() -> str:
 
 def read(path: str) -> Dict[str, Any]:
     """The saved dict, read without executing code (weights_only)."""
-    if not os.path.exists(path):
-        raise ModelLoadError(f"compiled model file {path!r} does not exist")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(f"{path!r} is not a sift-compiler model file: {first_line(e)}") from None
+    content = load_weights_only(path, "compiled model file {path!r} does not exist",
+                                "{path!r} is not a sift-compiler model file: {reason}")
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise ModelLoadError(f"{path!r} is not a sift-compiler model file (format {FORMAT})")
     return content
@@ -128,8 +124,9 @@ def plan_config(plan: Dict[str, Any]) -> CompileConfig:
 
 def _compile_from_plan(plan: Dict[str, Any], dense: nn.Module, compile_config: Callable[..., Any]):
     args, kwargs = plan_inputs(plan, dense)
-    return compile_config(dense, plan_config(plan), args, kwargs, capture_method=plan.get("capture_method", "auto"),
-                          source=plan.get("source"), output=plan.get("output", "graph"))
+    options = CompileOptions(capture_method=plan.get("capture_method", "auto"), source=plan.get("source"),
+                             output=plan.get("output", "graph"))
+    return compile_config(dense, plan_config(plan), args, kwargs, options)
 
 
 def _install_state(result, state: Dict[str, torch.Tensor], path: str, allow_tied: bool = False) -> None:

@@ -21,6 +21,7 @@ from sift_compiler.errors import ExportError
 from sift_compiler.exporters import forms
 from sift_compiler.exporters.forms import FORMS
 from sift_compiler.exporters.onnx import export_onnx
+from sift_compiler.exporters.outcome import OUTCOMES
 from test_export_forms import make_branches, parallel_graph
 
 pytestmark = pytest.mark.deepsparse
@@ -48,6 +49,7 @@ def test_verification_fails_on_summed_branch_convs(bad_graph, tmp_path, capsys):
     assert status["deepsparse-vs-onnxruntime"] == "FAILED"   # ...DeepSparse is not
     assert info.verification.errors["deepsparse-vs-onnxruntime"].rel > 0.1
     assert status["deepsparse-compiles"] == "ok" and info.verification.fraction_of_supported_ops == 1.0
+    assert info.outcome == "failed" and info.outcome in OUTCOMES  # written anyway (strict=False), and says so
 
     assert check_main([path]) == 1                           # and sift-check says so in CI
     err = capsys.readouterr().err

@@ -226,6 +226,7 @@ def test_training_module_is_checked_in_eval_mode_and_left_as_it_was(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"opset": 18}, "opset 18 is not supported: use 13 to 17"),
     ({"form": "wide"}, "unknown export form 'wide'"),
+    ({"fomr": "branches"}, r"unknown export options fomr: the options are the fields of ExportSettings \(opset"),
 ])
 def test_bad_arguments_are_user_errors(tmp_path, kwargs, message):
     model, x = _small_sparse_model()
@@ -233,6 +234,23 @@ def test_bad_arguments_are_user_errors(tmp_path, kwargs, message):
         export_onnx(model, x, str(tmp_path / "m.onnx"), **kwargs)
     with pytest.raises(UserInputError, match="does not exist"):
         export_onnx(model, x, str(tmp_path / "missing" / "m.onnx"))
+
+
+def test_export_settings_are_one_frozen_object_or_its_fields(tmp_path):
+    """`ExportSettings` and keywords are the same options: the same file either way, the object unchanged."""
+    from sift_compiler.exporters import ExportSettings
+    model, x = _small_sparse_model()
+    settings = ExportSettings(opset=13, deepsparse="skip", input_names=["pixels"])
+    by_object = export_onnx(model, x, str(tmp_path / "a.onnx"), settings=settings)
+    by_fields = export_onnx(model, x, str(tmp_path / "b.onnx"), opset=13, deepsparse="skip", input_names=["pixels"])
+    assert by_object.opset == by_fields.opset == 13 and by_object.input_names == by_fields.input_names == ["pixels"]
+    assert settings.input_names == ("pixels",) and settings.form == "auto"          # frozen: no remedy changed it
+    with pytest.raises(AttributeError):
+        settings.opset = 17
+    first, second = (onnx.load(str(tmp_path / n)) for n in ("a.onnx", "b.onnx"))
+    assert [i.name for i in first.graph.input] == [i.name for i in second.graph.input] == ["pixels"]
+    assert [numpy_helper.to_array(t).tobytes() for t in first.graph.initializer] == \
+        [numpy_helper.to_array(t).tobytes() for t in second.graph.initializer]
 
 
 class _FixedBatch(nn.Module):

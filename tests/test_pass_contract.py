@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import sift_compiler as sift
 from sift_compiler.analyses import FlopAnalysis
 from sift_compiler.config import CompileConfig
-from sift_compiler.errors import PassError, PostconditionError, UserInputError, at_node
+from sift_compiler.errors import PassError, PostconditionError, PreconditionError, UserInputError, at_node
 from sift_compiler.passes import PassManager
 from sift_compiler.passes.base import Pass, PassResult
 from sift_compiler.passes.sparse_parallel import SparseParallelPass
@@ -400,8 +400,41 @@ def test_the_baseline_is_measured_by_the_unit_before_any_pass():
         unit.baseline = None  # recorded once, by the unit
 
 
-# ------------------------------------------------------------------ PassManager steps
+# ------------------------------------------------------------------ the manager, and conditions that crash
+class CrashesInItsConditions(Pass):
+    """``requires`` or ``ensures`` fails with a plain Python error, as a bug in one would."""
+
+    name = "crashes-in-conditions"
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def requires(self, unit) -> None:
+        if self.where == "requires":
+            {}["missing"]
+
+    def call(self, unit) -> PassResult:
+        return PassResult(False)
+
+    def ensures(self, unit) -> None:
+        if self.where == "ensures":
+            raise RuntimeError("shapes do not propagate")
+
+
+@pytest.mark.parametrize("where, cls, what", [("requires", PreconditionError, "precondition failed: KeyError"),
+                                              ("ensures", PostconditionError, "postcondition failed: RuntimeError")])
+def test_an_error_in_requires_or_ensures_names_the_pass_as_one_in_call_does(where, cls, what):
+    unit = compiled_unit()
+    unit.history.append("earlier-pass")
+    with pytest.raises(cls) as info:
+        CrashesInItsConditions(where)(unit)
+    assert f"[crashes-in-conditions] {what}" in str(info.value) and "earlier-pass" in str(info.value)
+    assert info.value.pass_name == "crashes-in-conditions"
+
+
 class ModifiesTwice(Pass):
+    """Modifies the unit on its first two calls only."""
+
     name = "modifies-twice"
 
     def __init__(self) -> None:
@@ -415,25 +448,22 @@ class ModifiesTwice(Pass):
         return PassResult(False)
 
 
-def test_pass_manager_repeats_until_a_run_modifies_nothing():
+def test_pass_manager_runs_each_pass_once_and_says_whether_any_modified():
     unit = compiled_unit()
     p = ModifiesTwice()
-    assert PassManager([p], steps=10).run(unit) is True
-    assert p.calls == 3  # two modifying runs, then one that changed nothing: stop
+    assert PassManager([p]).run(unit) is True and p.calls == 1
+    p.calls = 2
+    assert PassManager([p]).run(unit) is False and p.calls == 3
 
 
-def test_pass_manager_without_early_stop_runs_every_step():
-    unit = compiled_unit()
-    p = ModifiesTwice()
-    PassManager([p], steps=5, early_stop=False).run(unit)
-    assert p.calls == 5
 
-
-def test_pass_manager_runs_once_by_default():
-    unit = compiled_unit()
-    p = ModifiesTwice()
-    PassManager([p]).run(unit)
-    assert p.calls == 1
-    with pytest.raises(ValueError):
-        PassManager([p], steps=0)
-
+def test_what_a_postcondition_computed_is_kept_for_the_next_pass():
+    """A rewrite's ensures propagates shapes on the graph it left: compensation reuses that result
+    (shapes run once for the baseline and once after the rewrite, not again), and an analysis the
+    ensures did not compute is still dropped."""
+    unit = CompilationUnit(sift.capture(SmallCNN(), (example(),)).module, (example(),),
+                           config=CompileConfig("parallel", 0.75), record_baseline=True)
+    before = dict(unit.analyses.computed)
+    PassManager([SparseParallelPass(0.75, defer_init=True), *finish_passes(CompileConfig("parallel", 0.75))]).run(unit)
+    assert unit.analyses.computed["shapes"] - before["shapes"] == 1
+    assert unit.analyses.computed["flops"] - before["flops"] >= 1

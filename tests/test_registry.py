@@ -113,6 +113,24 @@ def test_compile_takes_a_compile_config():
 def test_compile_refuses_a_config_and_its_options_twice():
     with pytest.raises(UserInputError, match="seed"):
         sift.compile(mlp(), CompileConfig("parallel", 0.75), (X,), seed=1)
+    with pytest.raises(UserInputError, match="seed belong in the CompileConfig"):
+        sift.compile(mlp(), config=CompileConfig("parallel", 0.75), example_inputs=(X,), seed=0)
+
+
+def test_compile_takes_its_options_as_dataclasses_or_their_fields():
+    """Keywords are the fields of CompileConfig and CompileOptions: anything else is refused by name."""
+    with pytest.raises(UserInputError, match=r"unknown options sede: .*seed.*CompileOptions \(capture_method"):
+        sift.compile(mlp(), "parallel", 0.75, (X,), sede=1)
+    with pytest.raises(UserInputError, match="output must be one of"):
+        sift.compile(mlp(), "parallel", 0.75, (X,), output="onnx")
+    options = sift.CompileOptions(output="graph", model_name="tiny-mlp")
+    by_object = sift.compile(mlp(), example_inputs=(X,), config=CompileConfig("parallel", 0.75, seed=3),
+                             options=options)
+    by_fields = sift.compile(mlp(), "parallel", 0.75, (X,), seed=3, output="graph", model_name="tiny-mlp")
+    assert isinstance(by_object.module, fx.GraphModule) and isinstance(by_fields.module, fx.GraphModule)
+    assert by_object.config == by_fields.config and by_object.report.model == by_fields.report.model == "tiny-mlp"
+    for a, b in zip(sift.sparsity.masks(by_object.module).values(), sift.sparsity.masks(by_fields.module).values()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("output", ["graph", "native"])

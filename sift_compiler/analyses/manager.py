@@ -10,7 +10,7 @@ its stamp is recomputed.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Generic, Optional, Protocol, Type, TypeVar
+from typing import Any, Dict, FrozenSet, Generic, Optional, Protocol, Set, Type, TypeVar
 
 R = TypeVar("R")
 
@@ -42,6 +42,9 @@ class AnalysisManager:
         self._unit = unit
         self._cache: Dict[type, tuple] = {}  # class -> (generation, result)
         self.computed: Dict[str, int] = {}   # how many times each analysis ran (for tests and timing)
+        self._watching: Optional[Set[type]] = None
+        # analyses the last pass's postcondition computed: they describe the unit as the pass left it
+        self.postcondition: FrozenSet[type] = frozenset()
 
     def get(self, analysis: Type[Analysis[R]]) -> R:
         cached = self._cache.get(analysis)
@@ -49,20 +52,38 @@ class AnalysisManager:
             return cached[1]
         result = analysis.run(self._unit)
         self._cache[analysis] = (self._unit.generation, result)
+        if self._watching is not None:
+            self._watching.add(analysis)
         self.computed[analysis.name] = self.computed.get(analysis.name, 0) + 1
         return result
+
+    def watch(self) -> None:
+        """Start noting which analyses are computed (a pass's ``ensures`` is about to run)."""
+        self._watching = set()
+
+    def stop_watching(self) -> None:
+        """What was computed since `watch` becomes ``postcondition`` (read by the pass manager)."""
+        self.postcondition, self._watching = frozenset(self._watching or ()), None
+
+    def cached(self) -> FrozenSet[type]:
+        """The analyses with a result cached, current or not."""
+        return frozenset(self._cache)
 
     def is_current(self, analysis: type) -> bool:
         """Is a result of ``analysis`` cached for the unit as it is now?"""
         cached = self._cache.get(analysis)
         return cached is not None and cached[0] == self._unit.generation
 
-    def invalidate(self, preserved: FrozenSet[type] = frozenset(), start_generation: Optional[int] = None) -> None:
-        """Drop every result except ``preserved`` ones computed at ``start_generation``, re-stamped as current.
+    def invalidate(self, preserved: FrozenSet[type] = frozenset(), start_generation: Optional[int] = None,
+                   current: FrozenSet[type] = frozenset()) -> None:
+        """Drop every result except ``preserved`` ones computed at ``start_generation``, re-stamped as current,
+        and ``current`` ones computed at the generation of now.
 
         ``start_generation``: the unit's generation when the pass began; a preserved result from an
         older generation was stale before the pass and is dropped too. None: the current
-        generation (nothing is re-stamped across an edit).
+        generation (nothing is re-stamped across an edit). ``current``: results computed after
+        the pass's ``call`` returned (by its ``ensures``): they saw the unit as the pass left it,
+        edits it did not report included.
         """
         now = self._unit.generation
         start = now if start_generation is None else start_generation
@@ -70,5 +91,7 @@ class AnalysisManager:
             stamp, result = self._cache[analysis]
             if analysis in preserved and stamp == start:
                 self._cache[analysis] = (now, result)
+            elif analysis in current and stamp == now:
+                continue
             else:
                 del self._cache[analysis]

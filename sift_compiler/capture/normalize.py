@@ -31,6 +31,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .modules import submodule_or_none
+
 aten = torch.ops.aten
 
 
@@ -244,13 +246,7 @@ def _innermost_owner(node: fx.Node) -> Optional[str]:
     return list(stack.values())[-1][0] if stack else None
 
 
-def _submodule(model: Optional[nn.Module], path: Optional[str]) -> Optional[nn.Module]:
-    if model is None or path is None:
-        return None
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
+_submodule = submodule_or_none
 
 
 def _restore_masked_layers(gm: fx.GraphModule, model: Optional[nn.Module]) -> int:

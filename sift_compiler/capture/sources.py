@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ModelLoadError, UserInputError, first_line
+from ..io import load_weights_only
 
 FAMILIES = ("torchvision", "timm", "transformers")
 
@@ -223,12 +224,8 @@ def _looks_like_torch_save(path: str) -> bool:
 
 def load_weights(model: nn.Module, path: str) -> None:
     """Load a state dict file (read without running code) into ``model``."""
-    if not os.path.exists(path):
-        raise ModelLoadError(f"weights file {path!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(f"cannot read weights file {path!r} as a state dict: {first_line(e)}") from None
+    state = load_weights_only(path, "weights file {path!r} does not exist",
+                              "cannot read weights file {path!r} as a state dict: {reason}")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:

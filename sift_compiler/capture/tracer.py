@@ -34,7 +34,7 @@ from ..config import attach_config, config_of
 from ..errors import CaptureError, UserInputError, first_line
 from ..sparsity.layers import MaskedLayer
 from .experts import EXPERTS_KEPT_FUSED, annotate_routing
-from .modules import canonicalize_modules, is_transformers_model, on_meta_device  # noqa: F401 (re-exported)
+from .modules import canonicalize_modules, eval_mode, is_transformers_model, on_meta_device  # noqa: F401
 from .normalize import annotate_provenance, modularize_functional_ops
 
 log = logging.getLogger(__name__)
@@ -109,13 +109,12 @@ def _fx_capture(model: nn.Module, kwargs: Dict[str, Any]) -> fx.GraphModule:
     # Traced in eval mode: Python branches on self.training are frozen by tracing, and the eval
     # path is the one the captured graph must reproduce exactly. Functional batch_norm/dropout
     # become modules in normalize, so train()/eval() still switch them afterwards.
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         gm = symbolic_trace(model, concrete_args=concrete or None)
-    finally:
-        model.train(was_training)
-    gm.train(was_training)
+    own = {id(m) for m in model.modules()}  # the graph's leaves are the model's modules, flags given back
+    for m in gm.modules():
+        if id(m) not in own:  # the graph's root and the containers it made for dotted paths
+            m.training = model.training
     _drop_concrete_arg_guards(gm)
     return gm
 
@@ -325,16 +324,12 @@ def reference_outputs(model: nn.Module, args, kwargs):
 def check_capture(gm: fx.GraphModule, args, kwargs, expected, model_name: str,
                   rtol: float = 1e-4, atol: float = 1e-5) -> None:
     """Raise CaptureError unless ``gm`` reproduces the model's ``expected`` outputs."""
-    training = gm.training
-    gm.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(gm):
             actual = [t for t in pytree.tree_leaves(gm(*args, **kwargs)) if isinstance(t, torch.Tensor)]
     except Exception as e:
         raise CaptureError(f"the captured graph of {model_name} does not run on the example inputs: "
                            f"{type(e).__name__}: {e}") from e
-    finally:
-        gm.train(training)
     if len(expected) != len(actual):
         raise CaptureError(f"captured graph returns {len(actual)} tensors, the model {len(expected)}")
     for i, (e, a) in enumerate(zip(expected, actual)):

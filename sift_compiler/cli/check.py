@@ -103,11 +103,11 @@ def _torch_reference(result, feeds):
     import numpy as np
     import torch
     import torch.utils._pytree as pytree
-    from ..exporters.onnx import _eval_mode
+    from ..capture.modules import eval_mode
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
     kwargs = {k: v for k, v in tensors.items() if k in result.unit.kwargs}
     args = [v for k, v in tensors.items() if k not in kwargs]
-    with torch.no_grad(), _eval_mode(result.module):
+    with torch.no_grad(), eval_mode(result.module):
         out = result.module(*args, **kwargs)
     return [t.detach().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 

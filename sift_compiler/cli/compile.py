@@ -10,10 +10,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from ..config import ACTIVATIONS, CompileConfig
+from ..config import ACTIVATIONS, OUTPUTS, CompileConfig
 from ..errors import UserInputError
 from ..exporters.checkpoints import FORMATS as CHECKPOINT_FORMATS
-from ..native import OUTPUTS
 from ..pipelines import transform_names, transforms_help
 from ._common import all_or_nothing, run_main, sparsity_arg
 

@@ -7,7 +7,8 @@ from .checks import Check, Verification, verify_onnx
 from .forms import DEFAULT_FORM, FORMS, apply_form
 from .onnx import ExportInfo, bake_masks, export_onnx
 from .outcome import OUTCOMES
+from .settings import ExportSettings
 from .runtimes import ENGINES, EngineCrash, deepsparse_status, open_engine
 
 __all__ = ["ExportInfo", "bake_masks", "export_onnx", "verify_onnx", "Verification", "Check", "apply_form",
-           "FORMS", "DEFAULT_FORM", "ENGINES", "EngineCrash", "OUTCOMES", "deepsparse_status", "open_engine"]
+           "FORMS", "DEFAULT_FORM", "ENGINES", "EngineCrash", "OUTCOMES", "ExportSettings", "deepsparse_status", "open_engine"]

@@ -29,14 +29,14 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
+import dataclasses
 import os
 import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,23 +44,24 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from ..capture.modules import eval_mode
 from ..capture.tracer import graph_of
 from ..config import config_of
 from ..errors import ExportError, UserInputError, VerificationFailed, first_line
 from ..io import check_writable
 from ..sparsity.layers import iter_masked, plain_copy
 from ..unit import bind_placeholders
-from .checks import DEFAULT_RTOL, Verification, verify_onnx
+from .checks import Verification, verify_onnx
 from .doped_form import concat_doped_linears, count_doped_linears
 from .dynamic_shapes import UnsupportedSizeUse, has_symbolic_sizes, make_sizes_traceable, other_shape_inputs
 from .forms import DEFAULT_FORM, FORMS, SAFE_FORM, apply_form
 from .outcome import Attempt, deepsparse_checked, deepsparse_failure, mark_not_for_deepsparse, next_remedy
 from .inputs import inputs_metadata
 from .runtimes import deepsparse_status
+from .settings import SUPPORTED_OPSETS, ExportSettings  # noqa: F401  (SUPPORTED_OPSETS: re-exported)
 from .weights import (META_EXPORT, META_INPUTS, META_LAYERS, LayerSparsity, layer_patterns, layers_to_metadata,
                       match_layers, set_metadata)
 
-SUPPORTED_OPSETS = range(13, 18)
 PROTOBUF_LIMIT = 2 ** 31 - 1
 # Weights above this go to external data: the graph, names and metadata need room under 2 GB too.
 EXTERNAL_DATA_THRESHOLD = int(1.9 * 2 ** 30)
@@ -80,7 +81,7 @@ class ExportInfo:
     data_path: Optional[str] = None                 # the external data file, if any
     layers: List[LayerSparsity] = field(default_factory=list)
     verification: Optional[Verification] = None
-    outcome: str = "unchecked"                      # exporters.outcome.OUTCOMES, or "failed" (strict=False)
+    outcome: str = "unchecked"                      # one of exporters.outcome.OUTCOMES
     deepsparse_reason: str = ""                     # why DeepSparse must not run the file (not-for-deepsparse)
 
 
@@ -139,16 +140,7 @@ def _dynamic_axes(names, inputs, output_names, outputs) -> Dict[str, Dict[int, s
     return axes
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    """Evaluate ``module`` in eval mode and give every submodule its training flag back."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, flag in flags:
-            m.training = flag
+_eval_mode = eval_mode
 
 
 def _tensors(tree) -> List[torch.Tensor]:
@@ -213,10 +205,10 @@ class _Prepared:
     doped_linears: int = 0          # Sparse Doped Linears written as trained (what the concat remedy changes)
 
 
-def _prepare(module: nn.Module, args: tuple, kwargs: dict, settings: Dict[str, Any],
-             input_names: Optional[Sequence[str]], verify: bool) -> _Prepared:
+def _prepare(module: nn.Module, args: tuple, kwargs: dict, settings: ExportSettings) -> _Prepared:
     """Apply the export forms, bake masks, name inputs and outputs, and run torch for the reference."""
-    form, dynamic_batch = settings["form"], settings["dynamic_batch"]
+    form, dynamic_batch = settings.form, settings.dynamic_batch
+    input_names, verify = settings.input_names, settings.verify
     notes: List[str] = []
     graph = graph_of(module, args, kwargs)  # a native model (its own class) is read back as its graph
     formed, branch_groups, stacked_groups, doped_linears = graph, [], [], 0
@@ -225,7 +217,7 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, settings: Dict[str, A
         formed, branch_groups, stacked_groups = result.module, result.branch_groups, result.rewritten
         notes += result.notes
     if isinstance(formed, fx.GraphModule):
-        if settings["doped"] == "concat":
+        if settings.doped == "concat":
             formed, done = concat_doped_linears(formed)
             notes += [f"{name}: Sparse Doped Linear written as one matmul over [x, U x]" for name in done]
         else:
@@ -273,7 +265,7 @@ def _shapes(tree) -> str:
     return ", ".join(str(tuple(x.shape)) for x in _tensors(tree))
 
 
-def _write_staged(prep: _Prepared, stage: str, target_name: str, settings: Dict[str, Any]):
+def _write_staged(prep: _Prepared, stage: str, target_name: str, settings: ExportSettings, metadata: Dict[str, Any]):
     """Export into ``stage``, fix zeros, record layers and inputs.
 
     Returns (model path, data path or None, layer records, unmatched layers, IR version).
@@ -281,8 +273,8 @@ def _write_staged(prep: _Prepared, stage: str, target_name: str, settings: Dict[
     import onnx
     raw = os.path.join(stage, "raw", "model.onnx")
     os.mkdir(os.path.dirname(raw))  # the TorchScript exporter spills one file per tensor here for > 2 GB
-    _torch_export(prep.baked, prep.inputs, raw, prep.names, prep.output_names, prep.axes, settings["opset"],
-                  settings["fold_batch_norm"])
+    _torch_export(prep.baked, prep.inputs, raw, prep.names, prep.output_names, prep.axes, settings.opset,
+                  settings.fold_batch_norm)
     prep.baked = None  # free the copy before the ONNX model is in memory
     model = onnx.load(raw)
     shutil.rmtree(os.path.dirname(raw))
@@ -292,20 +284,18 @@ def _write_staged(prep: _Prepared, stage: str, target_name: str, settings: Dict[
     layers, missing = match_layers(prep.patterns, model)
     set_metadata(model, META_LAYERS, layers_to_metadata(layers))
     set_metadata(model, META_INPUTS, inputs_metadata(prep.names, prep.inputs))
-    set_metadata(model, META_EXPORT, settings["metadata"])
+    set_metadata(model, META_EXPORT, metadata)
     staged_model = os.path.join(stage, target_name)
-    staged_data = _save(model, staged_model, settings["external_data"])
+    staged_data = _save(model, staged_model, settings.external_data)
     return staged_model, staged_data, layers, missing, model.ir_version
 
 
 def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwargs: Optional[Dict[str, Any]] = None,
-                *, opset: int = 17, dynamic_batch: bool = True, input_names: Optional[Sequence[str]] = None,
-                fold_batch_norm: bool = True, form: str = DEFAULT_FORM, external_data: Optional[bool] = None,
-                verify: bool = True, strict: bool = True, rtol: float = DEFAULT_RTOL, deepsparse: str = "auto",
-                min_supported_ops: Optional[float] = None) -> ExportInfo:
+                *, settings: Optional[ExportSettings] = None, **options: Any) -> ExportInfo:
     """Export ``module`` to ONNX at ``path``, masks as exact zeros, and verify the file (module docstring).
 
-    ``form``: how Sparse Parallel layers are written (`exporters.forms.FORMS`); ``external_data``:
+    The options are an `ExportSettings` (``settings=``) or its fields as keywords (``opset=13``,
+    ``form="stacked-conv"``, ``deepsparse="skip"``...). ``form``: how Sparse Parallel layers are written (`exporters.forms.FORMS`); ``external_data``:
     None decides by size; ``verify``: run the checks of `exporters.checks` on the file before it
     is published; ``deepsparse``: "auto", "require" or "skip". What happens when a check fails is
     the outcome policy (`exporters.outcome`): remedies are tried; a file only DeepSparse fails is
@@ -316,35 +306,25 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwarg
     >>> info = sift.export_onnx(result.module, (x,), "model.sift.onnx")
     >>> print(info.outcome, info.verification.table())
     """
-    if opset not in SUPPORTED_OPSETS:
-        raise UserInputError(f"opset {opset} is not supported: use 13 to 17 (DeepSparse 1.8 loads <= 19, "
-                             "the TorchScript exporter is reliable up to 17)")
-    if form not in FORMS:
-        raise UserInputError(f"unknown export form {form!r}: choose one of {', '.join(FORMS)}")
-    if deepsparse not in ("auto", "require", "skip"):
-        raise UserInputError(f"deepsparse must be 'auto', 'require' or 'skip', got {deepsparse!r}")
+    settings = ExportSettings.of(settings, **options)
     check_writable(path, "ONNX file")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
-    unchecked = _why_deepsparse_cannot_check(verify, deepsparse) if form == "auto" else ""
+    unchecked = _why_deepsparse_cannot_check(settings.verify, settings.deepsparse) if settings.form == "auto" else ""
     if unchecked:  # branches nobody can verify on DeepSparse here are not shipped: use the form with no bug to meet
-        form = SAFE_FORM
-    common = {"opset": opset, "fold_batch_norm": fold_batch_norm, "external_data": external_data, "verify": verify,
-              "rtol": rtol, "deepsparse": deepsparse, "min_supported_ops": min_supported_ops,
-              "input_names": input_names}
-    settings = {"form": form, "dynamic_batch": dynamic_batch, "doped": "trained"}
+        settings = dataclasses.replace(settings, form=SAFE_FORM)
     directory = os.path.dirname(os.path.abspath(path))
     attempts: List[_Staged] = []
     notes: List[str] = []      # notes[i]: why attempt i + 1 was made
     applied: List[str] = []    # remedies applied so far, in order
     try:
         while True:
-            staged = _export_attempt(module, args, dict(example_kwargs or {}), path, settings, common)
+            staged = _export_attempt(module, args, dict(example_kwargs or {}), path, settings)
             attempts.append(staged)
             if len(attempts) == 1 and unchecked and staged.stacked_groups:
                 staged.info.notes.insert(0, f"form auto: {len(staged.stacked_groups)} Sparse Parallel layers "
                                             f"written as {SAFE_FORM}, not as branches, because DeepSparse cannot "
                                             f"verify the branch form here ({unchecked})")
-            if not verify or staged.info.verification.ok:
+            if not settings.verify or staged.info.verification.ok:
                 break
             staged.attempt.remedies = list(applied)
             remedy = next_remedy(staged.attempt)
@@ -352,8 +332,8 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str, example_kwarg
                 break
             notes.append(remedy.note)
             applied.append(remedy.name)
-            settings = {**settings, **remedy.changes}
-        chosen = _choose(attempts, path, strict, deepsparse)
+            settings = dataclasses.replace(settings, **remedy.changes)
+        chosen = _choose(attempts, path, settings.strict, settings.deepsparse)
         chosen.info.notes[:0] = notes[:attempts.index(chosen)]
         if chosen.info.outcome == "not-for-deepsparse":
             mark_not_for_deepsparse(chosen.model_path, chosen.info.deepsparse_reason)
@@ -376,38 +356,35 @@ class _Staged:
     stacked_groups: List[str]
 
 
-def _export_attempt(module: nn.Module, args: tuple, kwargs: dict, path: str, settings: Dict[str, Any],
-                    common: Dict[str, Any]) -> _Staged:
-    """Prepare, write and verify one export with ``settings`` (form, dynamic_batch, doped) in a staging folder."""
-    verify = common["verify"]
-    prep = _prepare(module, args, kwargs, settings, common["input_names"], verify)
-    metadata = _export_metadata(module, settings["form"], common["opset"])
-    if settings["doped"] != "trained":
-        metadata["doped"] = settings["doped"]
-    if not settings["dynamic_batch"]:
+def _export_attempt(module: nn.Module, args: tuple, kwargs: dict, path: str, settings: ExportSettings) -> _Staged:
+    """Prepare, write and verify one export with ``settings`` in a staging folder."""
+    verify = settings.verify
+    prep = _prepare(module, args, kwargs, settings)
+    metadata = _export_metadata(module, settings.form, settings.opset)
+    if settings.doped != "trained":
+        metadata["doped"] = settings.doped
+    if not settings.dynamic_batch:
         metadata["static_shapes"] = True
-    written = {"opset": common["opset"], "fold_batch_norm": common["fold_batch_norm"],
-               "external_data": common["external_data"], "metadata": metadata}
     directory = os.path.dirname(os.path.abspath(path))
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=directory)
     try:
         model_path, data_path, layers, missing, ir_version = _write_staged(prep, stage, os.path.basename(path),
-                                                                           written)
+                                                                           settings, metadata)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     final_data = os.path.join(directory, os.path.basename(data_path)) if data_path else None
-    info = ExportInfo(path, common["opset"], ir_version, prep.names, prep.output_names, prep.notes,
-                      settings["form"], final_data, layers)
+    info = ExportInfo(path, settings.opset, ir_version, prep.names, prep.output_names, prep.notes,
+                      settings.form, final_data, layers)
     if verify:
         feeds = {n: x.detach().cpu().numpy() for n, x in zip(prep.names, prep.inputs)}
         info.verification = verify_onnx(model_path, feeds, reference=prep.reference, layers=layers,
-                                        missing=missing, rtol=common["rtol"], deepsparse=common["deepsparse"],
-                                        min_supported_ops=common["min_supported_ops"], other_shape=prep.other_shape)
+                                        missing=missing, rtol=settings.rtol, deepsparse=settings.deepsparse,
+                                        min_supported_ops=settings.min_supported_ops, other_shape=prep.other_shape)
         info.verification.path = path
         for check in info.verification.checks:  # messages name the file the user asked for, not the staged copy
             check.detail = check.detail.replace(model_path, path)
-    attempt = Attempt(dict(settings), info.verification, prep.branch_groups, prep.doped_linears,
+    attempt = Attempt(settings, info.verification, prep.branch_groups, prep.doped_linears,
                       _shapes(prep.inputs))
     return _Staged(stage, model_path, data_path, info, attempt, prep.stacked_groups)
 
@@ -436,16 +413,11 @@ def _choose(attempts: List[_Staged], path: str, strict: bool, deepsparse: str) -
         hint = (" (only DeepSparse's checks fail: the file is correct for onnxruntime; without --deepsparse require "
                 "it is written and marked not for DeepSparse)")
     if tried:
-        hint += f"; remedies tried: {', '.join(_describe(s) for s in tried)}"
+        hint += f"; remedies tried: {', '.join(s.describe() for s in tried)}"
     error = VerificationFailed(f"{path}: the exported file fails verification, not written: "
                                + "; ".join(failures) + hint)
     error.verification = last.info.verification
     raise error
-
-
-def _describe(settings: Dict[str, Any]) -> str:
-    return f"form {settings['form']}" + ("" if settings["dynamic_batch"] else ", static shapes") + \
-        ("" if settings["doped"] == "trained" else f", doped {settings['doped']}")
 
 
 def _why_deepsparse_cannot_check(verify: bool, deepsparse: str) -> str:

@@ -1,6 +1,6 @@
 """The outcome policy of an export: what happens when DeepSparse cannot be trusted with a file.
 
-Every export ends in one of four outcomes (``ExportInfo.outcome``):
+Every export ends in one of five outcomes (``ExportInfo.outcome``, `OUTCOMES`):
 
 ======================  ======================================================================
 ``ok``                  every check holds as exported
@@ -13,6 +13,8 @@ Every export ends in one of four outcomes (``ExportInfo.outcome``):
                         ``sift-compile`` says so in one line and exits 1. With
                         ``deepsparse="require"`` it is a failure instead and nothing is written
 ``unchecked``           DeepSparse did not check the file (not installed, skipped, no verify)
+``failed``              a check failed and no remedy helped, with ``strict=False``: the file is
+                        written anyway and ``info.verification`` lists the failures
 ======================  ======================================================================
 
 Any other failed check (onnxruntime against torch, sparsity, the onnx checker) means the file is
@@ -27,7 +29,7 @@ at most once, each on top of the ones before; the first export that verifies is 
    compiles where the trained form aborts it (exporters/doped_form.py).
 
 Remedies that change the model itself (Sparse Wide with channels rounded to multiples of 8) need
-the model, not a finished module: `compile_remedies` lists them and ``sift-compile`` drives them.
+the model, not a finished module: `compile_remedies` lists them and ``sift-compile`` drives them (`remedies`).
 """
 from __future__ import annotations
 
@@ -35,9 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .checks import OTHER_SHAPE_CHECK, Verification
+from .settings import ExportSettings
 from .weights import META_DEEPSPARSE, not_for_deepsparse  # noqa: F401  (not_for_deepsparse: re-exported)
 
-OUTCOMES = ("ok", "remedied", "not-for-deepsparse", "unchecked")
+OUTCOMES = ("ok", "remedied", "not-for-deepsparse", "unchecked", "failed")
 DEEPSPARSE_CHECKS = ("deepsparse-compiles", "deepsparse-supported-ops", "deepsparse-vs-onnxruntime")
 
 
@@ -54,7 +57,7 @@ class Remedy:
 class Attempt:
     """What one export tried and what its verification found (the state a remedy rule reads)."""
 
-    settings: Dict[str, Any]                  # form, dynamic_batch, doped
+    settings: ExportSettings                  # what this attempt was written with
     verification: Optional[Verification]
     branch_groups: Sequence[str] = ()         # Sparse Parallel layers written as activated branches
     doped_linears: int = 0                    # Sparse Doped Linears written as trained
@@ -87,7 +90,7 @@ def deepsparse_checked(verification: Optional[Verification]) -> bool:
 
 
 def static_shapes_rule(attempt: Attempt) -> Optional[Remedy]:
-    if not (attempt.settings["dynamic_batch"] and failed(attempt.verification, OTHER_SHAPE_CHECK)):
+    if not (attempt.settings.dynamic_batch and failed(attempt.verification, OTHER_SHAPE_CHECK)):
         return None
     detail = next(c.detail for c in attempt.verification.checks if c.name == OTHER_SHAPE_CHECK)
     return Remedy("static-shapes", {"dynamic_batch": False},
@@ -96,7 +99,7 @@ def static_shapes_rule(attempt: Attempt) -> Optional[Remedy]:
 
 
 def stacked_parallel_rule(attempt: Attempt) -> Optional[Remedy]:
-    if attempt.settings["form"] != "auto" or not attempt.branch_groups:
+    if attempt.settings.form != "auto" or not attempt.branch_groups:
         return None
     from .forms import SAFE_FORM
     verification = attempt.verification
@@ -112,7 +115,7 @@ def stacked_parallel_rule(attempt: Attempt) -> Optional[Remedy]:
 
 
 def concat_doped_rule(attempt: Attempt) -> Optional[Remedy]:
-    if attempt.settings["doped"] != "trained" or not attempt.doped_linears:
+    if attempt.settings.doped != "trained" or not attempt.doped_linears:
         return None
     return Remedy("concat-doped", {"doped": "concat"},
                   f"DeepSparse failed on {attempt.doped_linears} Sparse Doped Linear layers as trained "

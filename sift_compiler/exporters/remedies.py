@@ -5,27 +5,32 @@ finished module; this module, above both, drives the ones that need the model co
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..errors import VerificationFailed
 from .onnx import export_onnx
 from .outcome import compile_remedies, deepsparse_failure
+from .settings import ExportSettings
 
 
 def export_with_compile_remedies(result, compile_with: Callable[..., Any], example_inputs, path: str,
-                                 example_kwargs=None, **export_options):
+                                 example_kwargs=None, *, settings: Optional[ExportSettings] = None,
+                                 **export_options: Any):
     """`export_onnx`, then the remedies that recompile the model when DeepSparse still cannot run the file.
 
     ``compile_with(**changes)`` recompiles the model with changed compile options (e.g.
     ``round_to=8``). Returns (the compile result written, its `ExportInfo`, a note saying which
     recompilation was kept, or ""). A recompiled model is written only if DeepSparse verifies it.
+    The export options: an `ExportSettings` and/or its fields as keywords, as `export_onnx` takes them.
     """
-    mode = export_options.get("deepsparse", "auto")
+    settings = ExportSettings.of(settings, **export_options)
+    mode = settings.deepsparse
     try:
-        info = export_onnx(result.module, example_inputs, path, example_kwargs, **export_options)
+        info = export_onnx(result.module, example_inputs, path, example_kwargs, settings=settings)
     except VerificationFailed as e:
         if mode != "require" or deepsparse_failure(getattr(e, "verification", None)) is None:
             raise
@@ -40,7 +45,7 @@ def export_with_compile_remedies(result, compile_with: Callable[..., Any], examp
             staged = os.path.join(stage, os.path.basename(path))
             try:
                 trial = export_onnx(candidate.module, example_inputs, staged, example_kwargs,
-                                    **{**export_options, "deepsparse": "require"})
+                                    settings=dataclasses.replace(settings, deepsparse="require"))
             except VerificationFailed:
                 continue
             for name in sorted(os.listdir(stage), key=lambda n: n == os.path.basename(path)):  # model file last

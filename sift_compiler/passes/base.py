@@ -14,9 +14,6 @@ The contract enforces itself:
   passes before it, and the node (with its source line) where the pass recorded one
   (`errors.at_node`). A `SiftError` keeps its class (the context goes into its message, see
   `errors.add_pass_context`); anything else becomes a `PassError`.
-
-`PassManager` runs the pipeline up to ``steps`` times; with ``early_stop`` it stops after the
-first full run that modified nothing (which relies on the honest ``modified`` above).
 """
 from __future__ import annotations
 
@@ -58,15 +55,7 @@ class Pass:
 
     def __call__(self, unit: "CompilationUnit") -> PassResult:
         history = list(unit.history)
-        try:
-            self.requires(unit)
-        except PassError as e:
-            if isinstance(e, PreconditionError):
-                raise add_pass_context(e, self.name, history)
-            raise pass_error(self.name, getattr(e, "sift_node", None), f"precondition failed: {e}", history,
-                             PreconditionError) from e
-        except SiftError as e:
-            raise add_pass_context(e, self.name, history)
+        self._check("precondition", self.requires, unit, history, PreconditionError)
         start = unit.generation
         try:
             result = self.call(unit)
@@ -80,16 +69,28 @@ class Pass:
         if not result.modified and unit.generation != start:
             raise pass_error(self.name, None, "returned modified=False but changed the unit (its generation moved "
                              f"from {start} to {unit.generation}: a graph edit or a mask edit)", history)
+        unit.analyses.watch()
         try:
-            self.ensures(unit)
-        except PostconditionError as e:
+            self._check("postcondition", self.ensures, unit, history, PostconditionError)
+        finally:
+            unit.analyses.stop_watching()
+        return result
+
+    def _check(self, what: str, condition, unit: "CompilationUnit", history: Sequence[str], cls: type) -> None:
+        """Run ``requires`` or ``ensures``; whatever it raises reaches the user with this pass's context,
+        as an error in ``call`` does: a `SiftError` keeps its class, a `PassError` becomes ``cls``
+        (Pre-/PostconditionError), anything else a ``cls`` that names its type."""
+        try:
+            condition(unit)
+        except cls as e:
             raise add_pass_context(e, self.name, history)
         except PassError as e:
-            raise pass_error(self.name, getattr(e, "sift_node", None), f"postcondition failed: {e}", history,
-                             PostconditionError) from e
+            raise pass_error(self.name, getattr(e, "sift_node", None), f"{what} failed: {e}", history, cls) from e
         except SiftError as e:
             raise add_pass_context(e, self.name, history)
-        return result
+        except Exception as e:
+            raise pass_error(self.name, getattr(e, "sift_node", None), f"{what} failed: {type(e).__name__}: {e}",
+                             history, cls) from e
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -130,41 +131,24 @@ class ProgressInstrument(PassInstrument):
 
 
 class PassManager:
-    """Runs passes in order on a unit; see the module docstring.
-
-    ``steps``: how many times the whole pipeline may run (1: once, today's pipelines);
-    ``early_stop``: stop after a run in which no pass modified the unit.
-    """
+    """Runs passes in order on a unit, once; see the module docstring."""
 
     def __init__(self, passes: Sequence[Pass], name: str = "pipeline",
-                 instruments: Sequence[PassInstrument] = (), steps: int = 1, early_stop: bool = True) -> None:
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
+                 instruments: Sequence[PassInstrument] = ()) -> None:
         self.passes = list(passes)
         self.name = name
         self.instruments = list(instruments)
-        self.steps = steps
-        self.early_stop = early_stop
 
     def run(self, unit: "CompilationUnit") -> bool:
-        """Run the pipeline (up to ``steps`` times); True if any pass modified the unit."""
-        modified = False
-        for step in range(self.steps):
-            step_modified = self._run_once(unit)
-            modified |= step_modified
-            log.debug("%s: step %d modified=%s", self.name, step + 1, step_modified)
-            if self.early_stop and not step_modified:
-                break
-        return modified
-
-    def _run_once(self, unit: "CompilationUnit") -> bool:
+        """Run the pipeline; True if any pass modified the unit."""
         modified = False
         for p in self.passes:
             for instrument in self.instruments:
                 instrument.run_before_pass(unit, p)
             start = unit.generation
             result = p(unit)
-            unit.analyses.invalidate(result.preserved if result.modified else _everything(unit), start)
+            unit.analyses.invalidate(result.preserved if result.modified else _everything(unit), start,
+                                     current=unit.analyses.postcondition)
             unit.history.append(p.name)
             modified |= result.modified
             log.debug("%s: modified=%s", p.name, result.modified)
@@ -173,8 +157,8 @@ class PassManager:
         return modified
 
     def __repr__(self) -> str:
-        return f"PassManager({self.name!r}, {[p.name for p in self.passes]}, steps={self.steps})"
+        return f"PassManager({self.name!r}, {[p.name for p in self.passes]})"
 
 
 def _everything(unit: "CompilationUnit") -> FrozenSet[type]:
-    return frozenset(unit.analyses._cache)
+    return unit.analyses.cached()

@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture.experts import ROUTED
+from ..capture.modules import submodule_or_none
 from ..capture.tracer import SiftTracer
 
 
@@ -70,10 +71,7 @@ def _traced(module: nn.Module) -> fx.Graph:
 
 
 def _registered(gm: fx.GraphModule, path: str, module: nn.Module) -> bool:
-    try:
-        return gm.get_submodule(path) is module
-    except AttributeError:
-        return False
+    return submodule_or_none(gm, path) is module
 
 
 def finish_edits(unit) -> None:

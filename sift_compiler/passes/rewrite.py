@@ -14,10 +14,11 @@ from typing import Optional, Tuple
 import torch.nn as nn
 
 from ..analyses.layers import LayerAnalysis, WeightLayer
+from ..analyses.shapes import ShapeAnalysis
 from ..config import CompileConfig
-from ..errors import at_node
+from ..errors import PassError, at_node
 from ..initialization import mark_copy
-from ..sparsity.layers import deferred_init, masked_copy
+from ..sparsity.layers import deferred_init, masked_copy, new_layer
 from ..unit import LayerDecision, ModuleRewrite
 from .base import Pass, PassResult
 from .graph_edit import finish_edits, splice_module
@@ -103,9 +104,30 @@ def stand_in_for(replacement: nn.Module, layer: nn.Module) -> nn.Module:
     return replacement
 
 
+def low_rank_pair(layer: nn.Module, width: int, masked: bool, v_bias: bool = True) -> Tuple[nn.Module, nn.Module]:
+    """(U, V) with ``layer``'s shape through a ``width``-wide middle: U keeps the layer's kernel,
+    stride, padding and groups (no bias); V is a Linear, or a 1x1 conv, from ``width`` to the
+    layer's outputs (its bias as the layer's, unless ``v_bias`` is False). U first: the draw order."""
+    no_bias = {} if v_bias else {"bias": False}
+    if isinstance(layer, nn.Linear):
+        u = new_layer(layer, masked=masked, out_features=width, bias=False)
+        return u, new_layer(layer, masked=masked, in_features=width, **no_bias)
+    ones = (1,) * len(layer.kernel_size)
+    u = new_layer(layer, masked=masked, out_channels=width, bias=False)
+    return u, new_layer(layer, masked=masked, in_channels=width, kernel_size=ones, stride=ones, padding=0,
+                        dilation=ones, padding_mode="zeros", **no_bias)
+
+
 def round_to_multiple(value: float, multiple: int, minimum: int = 0) -> int:
     """Nearest multiple of ``multiple`` (at least ``minimum``)."""
     return max(minimum, int(round(value / multiple)) * multiple)
+
+
+def ensure_output_shapes(unit) -> None:
+    """The postcondition of every rewrite: the graph still propagates shapes, to the dense model's outputs."""
+    outputs = unit.analyses.get(ShapeAnalysis).outputs(unit.module)
+    if unit.baseline_outputs is not None and outputs != unit.baseline_outputs:
+        raise PassError(f"output shapes changed from {unit.baseline_outputs} to {outputs}")
 
 
 class LayerRewritePass(Pass):
@@ -141,6 +163,9 @@ class LayerRewritePass(Pass):
         if modified:
             finish_edits(unit)
         return PassResult(modified)
+
+    def ensures(self, unit) -> None:
+        ensure_output_shapes(unit)
 
     def _rewrite_layers(self, unit, table: LayerAnalysis, nodes) -> bool:
         gm = unit.module

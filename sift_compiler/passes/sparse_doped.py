@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..initialization import mark_copy
 from ..sparsity.layers import masked_copy, new_layer
-from .rewrite import LayerRewritePass, LayerStandIn, fan, round_to_multiple
+from .rewrite import LayerRewritePass, LayerStandIn, fan, low_rank_pair, round_to_multiple
 
 
 class DopedLayer(LayerStandIn, nn.Module):
@@ -54,12 +54,5 @@ class SparseDopedPass(LayerRewritePass):
         m.target_density = 1.0 - self.sparsity
         if rank == 0:
             return m, f"r=0 (ideal {ideal:.2f}): M only"
-        if isinstance(module, nn.Linear):
-            u = new_layer(module, masked=False, out_features=rank, bias=False)
-            v = new_layer(module, masked=False, in_features=rank, bias=False)
-        else:
-            ones = (1,) * len(module.kernel_size)
-            u = new_layer(module, masked=False, out_channels=rank, bias=False)
-            v = new_layer(module, masked=False, in_channels=rank, kernel_size=ones, stride=ones, padding=0,
-                          dilation=ones, bias=False, padding_mode="zeros")
+        u, v = low_rank_pair(module, rank, masked=False, v_bias=False)
         return DopedLayer(m, u, v).train(module.training), f"r={rank} (ideal {ideal:.1f})"

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch.nn as nn
 
 from ..sparsity.layers import new_layer
-from .rewrite import LayerRewritePass, LayerStandIn, fan, round_to_multiple
+from .rewrite import LayerRewritePass, LayerStandIn, fan, low_rank_pair, round_to_multiple
 
 
 class FactorizedLayer(LayerStandIn, nn.Module):
@@ -53,14 +53,7 @@ class SparseFactorizedPass(LayerRewritePass):
         ideal = hidden_width(d_in, d_out, kernel, self.sparsity) * (self.capacity or 1.0)
         h = round_to_multiple(ideal, groups, minimum=groups)
         density = 1.0 - self.sparsity
-        if isinstance(module, nn.Linear):
-            u = new_layer(module, out_features=h, bias=False)
-            v = new_layer(module, in_features=h)
-        else:
-            u = new_layer(module, out_channels=h, bias=False)
-            ones = (1,) * len(module.kernel_size)
-            v = new_layer(module, in_channels=h, kernel_size=ones, stride=ones, padding=0, dilation=ones,
-                          padding_mode="zeros")
+        u, v = low_rank_pair(module, h, masked=True)
         u.target_density = v.target_density = density
         norm, act = self.sigma_for(unit, module, h)
         return FactorizedLayer(u, norm, act, v).train(module.training), f"h={h} (ideal {ideal:.1f})"

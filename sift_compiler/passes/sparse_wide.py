@@ -43,7 +43,7 @@ from ..sparsity.layers import MaskedLayer, deferred_init, masked_copy, new_layer
 from ..unit import LayerDecision, ModuleRewrite, TensorRewrite
 from .base import Pass, PassResult
 from .graph_edit import finish_edits
-from .rewrite import RewriteOptions, round_to_multiple
+from .rewrite import RewriteOptions, ensure_output_shapes, round_to_multiple
 
 
 def widening_factor(sparsity: float) -> float:
@@ -329,12 +329,7 @@ class SparseWidePass(Pass):
         return notes
 
     def ensures(self, unit) -> None:
-        try:
-            outputs = unit.analyses.get(ShapeAnalysis).outputs(unit.module)
-        except Exception as e:
-            raise PassError(f"the widened graph does not propagate shapes: {e}") from e
-        if unit.baseline_outputs is not None and outputs != unit.baseline_outputs:
-            raise PassError(f"output shapes changed from {unit.baseline_outputs} to {outputs}")
+        ensure_output_shapes(unit)  # a failure to propagate is a PostconditionError naming this pass too
 
 
 def _constant_init_like(old: nn.Module, new: nn.Module) -> nn.Module:

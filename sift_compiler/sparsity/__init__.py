@@ -5,6 +5,7 @@
 >>> masks = sift_compiler.sparsity.RigL(result.module, optimizer, total_steps)   # or SET, Static
 >>> ...; optimizer.step(); masks.step(); optimizer.zero_grad()
 """
+from .counts import ParameterCount, count_parameters
 from .init import exact_count, init_masks, random_mask
 from .engine import MaskEngine
 from .engines import ENGINE_METHODS, make_engine
@@ -18,4 +19,4 @@ from .static import Static
 
 __all__ = ["masks", "iter_masked", "MaskedLayer", "MaskedLinear", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d",
            "new_layer", "masked_copy", "plain_copy", "init_masks", "random_mask", "exact_count", "MaskEngine", "make_engine", "ENGINE_METHODS", "RigL",
-           "SET", "Static", "UpdateSchedule", "is_transposable_nm", "random_nm_mask"]
+           "SET", "Static", "UpdateSchedule", "is_transposable_nm", "random_nm_mask", "count_parameters", "ParameterCount"]
