@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sift_compiler.exporters.bench import results_json, run_benchmarks  # noqa: E402
 from sift_compiler.exporters.runtimes import ENGINES, engine_status  # noqa: E402
-from sift_compiler.exporters.variants import export_variants  # noqa: E402
+from sift_compiler.variants import export_variants  # noqa: E402
 from sift_compiler.io import write_text  # noqa: E402
 from sift_compiler.serialize import load  # noqa: E402
 

@@ -19,50 +19,18 @@ masks) that ``load(dir)`` brings back the same way.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from .config import CompileConfig, CompileOptions
+from .config import CompileOptions
 from .errors import ModelLoadError, first_line
 from .io import atomic_path, check_writable, load_weights_only
+from .plan import FORMAT, plan_config, plan_inputs, plan_of  # noqa: F401 (re-exported)
 
-FORMAT = "sift-compiler/1"
 CHECKPOINT_PLAN = "sift_plan.json"  # a standard or compact folder (`exporters.checkpoints`)
-
-
-def _describe_input(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
-    return x
-
-
-def _make_input(d: Any, model: nn.Module) -> Any:
-    if isinstance(d, dict) and set(d) == {"shape", "dtype"}:
-        from .capture.sources import example_inputs
-        dtype = getattr(torch, d["dtype"])
-        (x,), _ = example_inputs(model, "plain", tuple(d["shape"]), dtype)
-        return x
-    return d
-
-
-def plan_of(result) -> Dict[str, Any]:
-    """How to make ``result`` again: the dense model's source, the compile options, the example
-    input specs and the output form. Plain JSON-able data."""
-    unit = result.unit
-    return {
-        "format": FORMAT,
-        "source": result.source,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(result.config).items()},
-        "capture_method": result.capture_method,
-        "output": result.output,
-        "inputs": {"args": [_describe_input(a) for a in unit.args],
-                   "kwargs": {k: _describe_input(v) for k, v in unit.kwargs.items()}},
-        "versions": {"sift_compiler": _version(), "torch": str(torch.__version__)},
-    }
 
 
 def attach_plan(result) -> None:
@@ -80,11 +48,6 @@ def save(result, path: str) -> None:
     state = {k: v.detach().cpu().clone() for k, v in result.module.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, "plan": plan, "state_dict": state}, tmp)
-
-
-def _version() -> str:
-    from .version import __version__
-    return __version__
 
 
 def read(path: str) -> Dict[str, Any]:
@@ -107,19 +70,6 @@ def _rebuild_source(source: Optional[Dict[str, Any]], trust_source: bool) -> nn.
         raise ModelLoadError(f"rebuilding the dense model from {spec!r} would import and run that code; pass "
                              "trust_source=True if you trust it, or model=dense_model")
     return load_model(spec, trust_pickle=trust_source).module
-
-
-def plan_inputs(plan: Dict[str, Any], model: nn.Module) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-    """Example inputs of the plan's shapes and dtypes, made for ``model`` (token ids within its vocabulary)."""
-    args = tuple(_make_input(a, model) for a in plan["inputs"]["args"])
-    return args, {k: _make_input(v, model) for k, v in plan["inputs"]["kwargs"].items()}
-
-
-def plan_config(plan: Dict[str, Any]) -> CompileConfig:
-    """The `CompileConfig` a plan was compiled with."""
-    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in plan["config"].items()
-           if k in CompileConfig.__dataclass_fields__}  # files from older versions may carry removed options
-    return CompileConfig(**cfg)
 
 
 def _compile_from_plan(plan: Dict[str, Any], dense: nn.Module, compile_config: Callable[..., Any]):

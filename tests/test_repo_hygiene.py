@@ -49,12 +49,12 @@ PLACES = {
     "errors": "errors", "io": "errors", "version": "errors",          # what everything may use
     "sparsity": "sparsity", "distributed": "sparsity", "testing": "sparsity",   # masks, engines, FSDP glue
     "config": "config", "registry": "config",
-    "capture": "capture", "initialization": "capture",                # weights of a captured model
+    "capture": "capture", "initialization": "capture", "plan": "capture",                # weights of a captured model
     "analyses": "analyses",
     "unit": "unit", "report": "unit", "shortfall": "unit",            # views of a compiled unit
     "passes": "passes",
     "pipelines": "pipelines",
-    "exporters": "exporters", "native": "exporters",
+    "exporters": "exporters", "native": "exporters", "deploy": "exporters",
     "": "api", "api": "api", "compiler": "api", "latency": "api", "serialize": "api", "variants": "api",
     "cli": "cli", "integrations": "cli",                              # entry points: commands and trainers
 }

@@ -14,7 +14,7 @@ import pytest
 
 from sift_compiler.cli.bench import main as bench_main
 from sift_compiler.exporters.runtimes import engine_status, open_engine
-from sift_compiler.exporters.variants import export_variants
+from sift_compiler.variants import export_variants
 from checks import exit_status
 
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -395,3 +395,20 @@ def _index(b, node, x, index):
             position += 1
     out.extend(x[position:])
     return tuple(out)
+
+
+def topk(b, node):
+    """topk(x, k, dim): the axis chosen from keeps its size (a MoE router's experts: widening
+    it would add experts); the other axes pass through to the values and the indices."""
+    x = b.axes_of(node.args[0]) if node.args else None
+    value = b.shapes.value(node)
+    if x is None or not isinstance(value, (tuple, list)) or not isinstance(value[0], TensorSpec):
+        return b.opaque(node, "top-k of a non-tensor")
+    dim = dim_arg(node, 2, -1, len(x))
+    if not isinstance(dim, int):
+        return b.opaque(node, "top-k over a computed dim")
+    dim %= len(x)
+    b.axes.pin(x[dim], f"top-k choice at {node.name}: the entries chosen from keep their count")
+    kept = b.axes.new(value[0].shape[dim], f"{node.name}.k", "top-k choice: k is fixed")
+    out = x[:dim] + (kept,) + x[dim + 1:]
+    return tuple(out for _ in value)

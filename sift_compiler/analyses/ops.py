@@ -155,7 +155,7 @@ ROWS = [
                                                               "upsample_bilinear2d")),
     *[(name, C.reduce, R.pool, named(name)) for name in _REDUCTIONS],
     ("max_reduce", C.maximum, R.maximum, named("max", "min")),
-    ("topk", C.topk, R.pool, named("topk")),
+    ("topk", V.topk, R.pool, named("topk")),
     ("norm_reduce", C.norm_reduce, R.pool, named("norm", "linalg_vector_norm") + [torch.linalg.vector_norm]),
     # joins, splits, views
     ("cat", V.cat, R.FREE, named("cat", "concat", "concatenate")),

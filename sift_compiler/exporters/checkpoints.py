@@ -110,7 +110,7 @@ class _SavedModule:
 
     @staticmethod
     def of(module: nn.Module) -> "_SavedModule":
-        from ..serialize import FORMAT, plan_config, plan_inputs
+        from ..plan import FORMAT, plan_config, plan_inputs
         plan = getattr(getattr(module, "config", None), "sift", None)
         if not isinstance(plan, dict) or plan.get("format") != FORMAT:
             raise UserInputError(f"{type(module).__name__} carries no sift plan (config.sift): pass the CompileResult "
@@ -205,7 +205,7 @@ def _outputs(module: nn.Module, args, kwargs):
 
 
 def _plan(result, checkpoint: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    from ..serialize import plan_of
+    from ..plan import plan_of
     plan = copy.deepcopy(result.plan) if isinstance(result, _SavedModule) else plan_of(result)
     plan["checkpoint"] = checkpoint
     if is_hugging_face(result.module):  # the dense model to rebuild, whatever the source was

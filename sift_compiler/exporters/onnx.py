@@ -29,7 +29,6 @@
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import shutil
@@ -49,7 +48,7 @@ from ..capture.tracer import graph_of
 from ..config import config_of
 from ..errors import ExportError, UserInputError, VerificationFailed, first_line
 from ..io import check_writable
-from ..sparsity.layers import iter_masked, plain_copy
+from ..sparsity.layers import bake_masks  # noqa: F401 (re-exported: it lived here)
 from ..unit import bind_placeholders
 from .checks import Verification, verify_onnx
 from .doped_form import concat_doped_linears, count_doped_linears
@@ -83,14 +82,6 @@ class ExportInfo:
     verification: Optional[Verification] = None
     outcome: str = "unchecked"                      # one of exporters.outcome.OUTCOMES
     deepsparse_reason: str = ""                     # why DeepSparse must not run the file (not-for-deepsparse)
-
-
-def bake_masks(module: nn.Module, inplace: bool = False) -> nn.Module:
-    """A deep copy of ``module`` (or ``module`` itself) in which masked layers are plain layers with exact zeros."""
-    baked = module if inplace else copy.deepcopy(module)
-    for name, layer in list(iter_masked(baked)):
-        baked.set_submodule(name, plain_copy(layer))
-    return baked
 
 
 def _positional(module: nn.Module, args, kwargs):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserInputError
-from .onnx import bake_masks
+from ..sparsity.layers import bake_masks
 
 
 class CSRLinear(nn.Module):

@@ -47,6 +47,8 @@ and drawn by `init_masks` (exact counts) are known without counting (`remember_n
 """
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import contextvars
 import math
@@ -414,3 +416,11 @@ def plain_copy(layer: nn.Module) -> nn.Module:
             plain.bias.copy_(layer.bias)
     plain.train(layer.training)
     return plain
+
+
+def bake_masks(module: nn.Module, inplace: bool = False) -> nn.Module:
+    """A deep copy of ``module`` (or ``module`` itself) in which masked layers are plain layers with exact zeros."""
+    baked = module if inplace else copy.deepcopy(module)
+    for name, layer in list(iter_masked(baked)):
+        baked.set_submodule(name, plain_copy(layer))
+    return baked
