@@ -163,7 +163,7 @@ def _swap_tied(model: nn.Module, path: str, found: nn.Module, rewrite: ModuleRew
 
 
 def _reads_tensors_of(model: nn.Module, path: str, new: nn.Module) -> str:
-    """Where the code of the module holding ``path`` reads that layer's weight or bias itself
+    """Where the forward of the module holding ``path`` reads that layer's weight or bias itself
     (Mamba-2's mixer passes ``self.out_proj.weight`` to its fused training kernel) and ``new``,
     the module replacing it, has none: "" if nowhere."""
     parent_path, _, name = path.rpartition(".")
@@ -171,8 +171,10 @@ def _reads_tensors_of(model: nn.Module, path: str, new: nn.Module) -> str:
     if parent is None:
         return ""
     try:
-        lines, start = inspect.getsourcelines(type(parent))
-        filename = inspect.getsourcefile(type(parent)) or "?"
+        # its forward only: other methods (diffusers' fuse_projections) are not on the path
+        forward = inspect.unwrap(type(parent).forward)
+        lines, start = inspect.getsourcelines(forward)
+        filename = inspect.getsourcefile(forward) or "?"
     except (OSError, TypeError):
         return ""
     pattern = re.compile(rf"self\.{re.escape(name)}\.(weight|bias)\b")
