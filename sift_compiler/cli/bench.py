@@ -180,7 +180,7 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _load_torch(path: str, args: argparse.Namespace, models):
     """The compiled module of a ``.sift.pt`` (`sift_compiler.load`); code a file names is imported only with
     --trust-source, or for the spec models this run compiled (``compiled_here``)."""
-    from ..serialize import load
+    from ..api import load
     ours = any(m.torch_path == path and m.compiled_here for m in models)
     return load(path, trust_source=args.trust_source or ours).module
 
