@@ -34,7 +34,7 @@ from sift_compiler.exporters.bench import results_json, run_benchmarks  # noqa: 
 from sift_compiler.exporters.runtimes import ENGINES, engine_status  # noqa: E402
 from sift_compiler.variants import export_variants  # noqa: E402
 from sift_compiler.io import write_text  # noqa: E402
-from sift_compiler.serialize import load  # noqa: E402
+from sift_compiler import load  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "results")
 MODELS = {

@@ -41,7 +41,7 @@ EXPECTED_WARNINGS = {
 }
 # (family, transform) -> why the result is the graph form: the mixer's code reads out_proj.weight
 # itself (for its fused training kernel), which branches/factors do not have
-GRAPH_FORM = {(name, transform): r"Mamba2Mixer reads self\.out_proj\.weight|BambaMixer reads self\.out_proj\.weight"
+GRAPH_FORM = {(name, transform): r"(Mamba2|Bamba)Mixer reads self\.out_proj\.(weight|bias)"
               for name in CAUSAL_LM for transform in ("parallel", "factorized", "doped")}
 # family -> why sift.export_onnx cannot export it (a clear error, asserted): the TorchScript exporter
 # fails on the SSD scan's symbolic chunk padding (torch.sym_* given a traced tensor); a diffusion

@@ -59,7 +59,7 @@ def test_runtimes_agree_on_the_outputs(wide):
     from sift_compiler.exporters.checks import compare_outputs
     from sift_compiler.exporters.inputs import input_specs, random_feeds
     from sift_compiler.exporters.weights import load_onnx
-    from sift_compiler.serialize import load
+    from sift_compiler import load
     feeds = random_feeds(input_specs(load_onnx(wide.path)), 3)
     module = load(wide.torch_path, trust_source=True).module   # tiny_net is this test suite's code
     with open_engine("onnxruntime", wide.path, 3) as ort:
