@@ -25,7 +25,7 @@ SPARSITIES = [0.5, 0.75, 0.9]
 # model costs most of the CI budget: its first transformed block is exported instead, on the
 # inputs the model gives it, so every model's rewrite is checked in onnxruntime.
 ONNX_PARAM_LIMIT = 150_000_000
-FIRST_BLOCK = {"vit_b_16": "encoder.layers.encoder_layer_0", "resnet50": "layer2.0"}
+FIRST_BLOCK = {"vit_b_16": "encoder.layers.encoder_layer_0", "resnet50": "layer2.0", "convnext_tiny": "features.1.0"}
 _DENSE = {}
 # Up to ~900M parameters at s = 0.9 (weights, masks, gradients): one xdist worker runs them all,
 # so two never share the memory at once (make test uses --dist loadgroup).
