@@ -15,6 +15,7 @@ from .analyses.flops import FlopAnalysis
 from .capture.experts import EXPERTS_KEPT_FUSED
 from .capture.modules import is_transformers_model
 from .capture.tracer import capture
+from .exporters.checkpoints import save_pretrained
 from .config import CompileConfig, CompileOptions, attach_config, config_of
 from .errors import UserInputError
 from .initialization import init_policy_for
@@ -61,7 +62,6 @@ class CompileResult:
         class, loads with transformers alone), "compact" (values + bitmask), "sift" (the model's
         own save_pretrained) or "auto" (standard where it can be). Returns the format written;
         see `exporters.checkpoints`."""
-        from .exporters.checkpoints import save_pretrained
         return save_pretrained(self, directory, format, max_shard_size)
 
 
