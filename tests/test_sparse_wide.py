@@ -65,6 +65,21 @@ def test_attention_width_scale_grows_head_dim():
     assert result.module(**source.kwargs).logits.shape == (1, 16, 1000)
 
 
+def test_rounding_never_undoes_the_widening():
+    """make fuzz found it: d_model 24 with 3 heads and round_to 8 must be a multiple of 24, and the
+    nearest one to 24 k = 33.9 is 24 itself. The group takes the next multiple up (48) instead of
+    silently staying at width; compensation makes it iso-FLOP."""
+    import fuzz_models
+    spec = {"tied": False, "head_dim": 8, "act": "gelu", "tokens": 8, "ffn": 2, "classes": 5, "family": "attention",
+            "cls": False, "heads": 3, "vocab": 16, "ids": True, "features": 8, "style": "sdpa", "layers": 2}
+    model, inputs = fuzz_models.build(spec, 4078)
+    result = sift.compile(model, "wide", 0.5, inputs, attention_width="keep", round_to=8)
+    assert result.module.get_submodule("blocks.0.attn.qkv").in_features == 48
+    assert result.module.get_submodule("blocks.0.mlp.0").out_features == 64  # 48 k = 67.9: nearest multiple of 8
+    assert abs(result.report.flop_ratio - 1) < 0.005
+    assert_masks_exact(result.module)
+
+
 def test_sparsity_zero_is_the_dense_model():
     source = load_model("torchvision:resnet18", input_shape=(2, 3, 64, 64))
     model = source.module.eval()

@@ -7,6 +7,8 @@ layer's outputs forces every consumer of those channels to widen its inputs, so 
 1. each free group gets round(k * size) channels, rounded to a multiple that keeps it valid
    (``round_to``, the groups of grouped convs and GroupNorms, and the number of attention heads for
    the residual stream that feeds q/k/v projections: the paper's Table 14 rounds d_model = 1092);
+   where the nearest multiple is the group's own size (24 channels, 3 heads, round_to 8: multiples
+   of 24), the next multiple up is taken, so that a widened group is wider and compensation pays;
    composed axes (cat, flatten, heads x head_dim) follow from their parts; the model's inputs and
    outputs, and groups touched by ops without a coupling rule, keep their size (see the notes);
 2. every module on a widened axis is rebuilt at its new size with fresh initialisation, as its
@@ -143,7 +145,10 @@ class SparseWidePass(Pass):
                 size_for_kernels = kernel_head_dim(size * self.factor, multiple)
                 if size_for_kernels is not None:
                     return size_for_kernels
-            return round_to_multiple(size * self.factor, multiple, minimum=multiple)
+            widened = round_to_multiple(size * self.factor, multiple, minimum=multiple)
+            if self.factor > 1 and widened <= size:  # rounding must not undo the widening: next multiple up
+                widened = (size // multiple + 1) * multiple
+            return widened
         size_of = axes.solve(widen)
         gm = unit.module
         with deferred_init() if self.defer_init else contextlib.nullcontext():
