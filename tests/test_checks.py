@@ -1,5 +1,6 @@
 """The support matrix's checks (tests/checks.py) can fail: each passes on a good compile of a tiny
-GPT-2 and fails, naming what broke, on the same compile broken in one place."""
+GPT-2 and fails, naming what broke, on the same compile broken in one place (ONNX: on a module
+whose Python state the exporter bakes in)."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,9 @@ import torch
 import sift_compiler as sift
 from sift_compiler.sparsity.layers import iter_masked
 from checks import (assert_generate_equals_recompute, assert_iso_flop, assert_native_equals_graph,
-                    assert_rigl_keeps_exact_counts, greedy_decodes)
+                    assert_onnx_matches, assert_rigl_keeps_exact_counts, greedy_decodes)
 from families import FAMILIES
+from model_zoo import Case
 
 
 @pytest.fixture
@@ -78,3 +80,23 @@ def test_rigl_check_passes_and_fails_on_one_extra_nonzero(compiled):
     name = _one_extra_nonzero(planned)
     with pytest.raises(AssertionError, match=f"before RigL 1 masked layers miss their planned count .*{name}"):
         assert_rigl_keeps_exact_counts(planned, case)
+
+
+class _CountsItsCalls(torch.nn.Module):
+    """Scales by how often it was called: Python state the exporter bakes in as the count at trace time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.calls = torch.nn.Linear(4, 4), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.layer(x) * self.calls
+
+
+def test_onnx_check_fails_when_onnxruntime_computes_otherwise(tmp_path):
+    torch.manual_seed(0)
+    case = Case(_CountsItsCalls(), (torch.randn(2, 4),), {})
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        assert_onnx_matches(case.model, case, str(tmp_path / "model.onnx"))
+    assert_onnx_matches(torch.nn.Linear(4, 4), case, str(tmp_path / "linear.onnx"))
