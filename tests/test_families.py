@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import sift_compiler as sift
-from sift_compiler.native import relative_error
 from sift_compiler.testing import assert_masks_exact
-from checks import run_script, tensors
+from checks import (assert_generate_equals_recompute, assert_iso_flop, assert_native_equals_graph,
+                    assert_rigl_keeps_exact_counts, exit_status, run_script)
 from families import FAMILIES
 
 CASES = [
@@ -37,46 +37,6 @@ CASES = [
 ]
 
 
-def _third_batch(kwargs):
-    return {k: torch.cat([v, v[:1], v[:1]]) for k, v in kwargs.items()}
-
-
-def _pick(model, logits, step, steps):
-    """The greedy token generate() picks with min_new_tokens = steps: end-of-sequence suppressed,
-    except where the config forces it at the last position (BART's forced_eos_token_id)."""
-    config = model.generation_config
-    forced = getattr(config, "forced_eos_token_id", None)
-    if forced is not None and step == steps - 1:
-        return torch.full((logits.shape[0], 1), forced, dtype=torch.long)
-    eos = config.eos_token_id
-    logits = logits[:, -1].clone()
-    logits[:, [eos] if isinstance(eos, int) else list(eos or [])] = float("-inf")
-    return logits.argmax(-1, keepdim=True)
-
-
-def _greedy(model, kind, kwargs, steps=4):
-    """generate() with the KV cache, and the same greedy decode recomputing everything each step."""
-    if kind == "causal":
-        prompt = kwargs["input_ids"][:, :5]
-        generated = model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-        recomputed = prompt
-        with torch.no_grad():
-            for step in range(steps):
-                logits = model(input_ids=recomputed, use_cache=False).logits
-                recomputed = torch.cat([recomputed, _pick(model, logits, step, steps)], 1)
-        return generated, recomputed
-    source = {k: v for k, v in kwargs.items() if not k.startswith("decoder_")}
-    start = torch.full((1, 1), model.config.decoder_start_token_id, dtype=torch.long)
-    generated = model.generate(**source, decoder_input_ids=start, max_new_tokens=steps, min_new_tokens=steps,
-                               do_sample=False)
-    recomputed = start
-    with torch.no_grad():
-        for step in range(steps):
-            logits = model(**source, decoder_input_ids=recomputed, use_cache=False).logits
-            recomputed = torch.cat([recomputed, _pick(model, logits, step, steps)], 1)
-    return generated[:, -steps:], recomputed[:, -steps:]  # Whisper's generate() leaves out the start token
-
-
 @pytest.mark.parametrize("name, transform, sparsity", CASES, ids=[f"{n}-{t}-s{s}" for n, t, s in CASES])
 def test_family_compiles_as_asked(name, transform, sparsity):
     family = FAMILIES[name]
@@ -85,12 +45,10 @@ def test_family_compiles_as_asked(name, transform, sparsity):
     module = result.module
     assert result.output == "native" and type(module) is type(case.model), result.report.notes
     assert abs(result.report.flop_ratio - 1) <= 0.005, result.report.table()
+    assert_iso_flop(result)
     assert_masks_exact(module)
-    third = _third_batch(case.kwargs)
-    with torch.no_grad():
-        assert relative_error(tensors(module.eval()(**third)), tensors(result.graph_module.eval()(**third))) <= 1e-5
-    generated, recomputed = _greedy(module.eval(), family.kind, case.kwargs)
-    assert torch.equal(generated, recomputed)
+    assert_native_equals_graph(result, case)
+    assert_generate_equals_recompute(module, family.kind, case.kwargs)
 
 
 def test_latent_attention_keeps_its_splits_and_widens_its_ranks():
@@ -104,40 +62,47 @@ def test_latent_attention_keeps_its_splits_and_widens_its_ranks():
     assert attention.q_a_proj.out_features == attention.q_b_proj.in_features > 40
     assert (attention.qk_nope_head_dim, attention.qk_rope_head_dim, attention.v_head_dim) == (16, 8, 12)
     assert attention.kv_a_proj_with_mqa.out_features == attention.kv_lora_rank + 8
-    counts = {name: int(layer.weight_mask.sum()) for name, layer in sift.sparsity.iter_masked(result.module)}
-    model = result.module.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    masks = sift.sparsity.RigL(model, opt, total_steps=8, update_interval=1)
-    ids = case.kwargs["input_ids"]
-    before = {name: layer.weight_mask.clone() for name, layer in sift.sparsity.iter_masked(model)}
-    for _ in range(3):
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        masks.step()
-        opt.zero_grad()
-    after = dict(sift.sparsity.iter_masked(model))
-    assert {name: int(layer.weight_mask.sum()) for name, layer in after.items()} == counts
-    assert any(not torch.equal(before[n], after[n].weight_mask) for n in before), "RigL moved no mask"
-    assert_masks_exact(model)
+    assert_rigl_keeps_exact_counts(result.module, case)
 
 
 def test_support_matrix_script(tmp_path):
-    """The support matrix's script on three families (a 2018 one, a 2026 attention, an
-    encoder-decoder) with Sparse Wide: each row runs in its own child, the markdown and JSON have
-    their format, and these known-good rows say full, native, iso-FLOP, ONNX yes."""
-    markdown, raw = tmp_path / "support.md", tmp_path / "support.json"
+    """The support matrix's script on a 2018 causal LM (Sparse Wide, 0.5 and 0.9) and, merged in by
+    ``--update``, an encoder-decoder (Parallel, 0.5): each row runs in its own child with every check
+    (native=graph, generate, RigL counts, ONNX), the markdown and JSON have their format, and these
+    known-good rows say full and pass each check; an unknown transform is exit 2."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "support_matrix.py")
-    run_script(script, "--families", "gpt2,qwen3,t5", "--transforms", "wide",
-               "--sparsities", "0.5", "--jobs", "2", "--markdown", str(markdown), "--json", str(raw), timeout=900)
-    rows = json.loads(raw.read_text())["rows"]
+    run_script(script, "--families", "gpt2", "--transforms", "wide", "--sparsities", "0.5,0.9",
+               "--out-dir", str(tmp_path), timeout=900)
+    run_script(script, "--families", "t5", "--transforms", "parallel", "--sparsities", "0.5",
+               "--out-dir", str(tmp_path), "--update", timeout=900)
+    raw = json.loads((tmp_path / "support_matrix.json").read_text())
+    rows = raw["rows"]
+    assert raw["sparsities"] == [0.5, 0.9] and len(raw["updates"]) == 1, raw["updates"]
     assert [(r["family"], r["transform"], r["status"]) for r in rows] == \
-        [("gpt2", "wide", "full"), ("qwen3", "wide", "full"), ("t5", "wide", "full")], rows
-    for row in rows:
-        (cell,) = row["cells"]
-        assert cell["form"] == "native" and abs(cell["flop_ratio"] - 1) <= 0.005 and cell["onnx"] is True, cell
-    text = markdown.read_text()
-    assert text.startswith("# Support matrix\n") and "Totals: 3 full." in text
+        [("gpt2", "wide", "full"), ("t5", "parallel", "full")], rows
+    assert [c["sparsity"] for r in rows for c in r["cells"]] == [0.5, 0.9, 0.5]
+    for cell in (c for r in rows for c in r["cells"]):
+        assert cell["form"] == "native" and abs(cell["flop_ratio"] - 1) <= 0.005, cell
+        assert cell["checks"] == {"iso_flop": True, "native_graph": True, "generate": True, "rigl": True}, cell
+    assert [c.get("onnx") for r in rows for c in r["cells"]] == [True, None, True]
+    text = (tmp_path / "support.md").read_text()
+    assert text.startswith("# Support matrix\n") and "Totals: 2 full." in text and "rows updated by `" in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
-    assert table[0] == "| family | transform | status | ratio s=0.5 | form | ONNX | reason |"
-    assert table[1].startswith("| gpt2 | wide | full | 1.0000 | native | yes |")
-    assert len(table) == 4
+    assert table[0] == "| family | transform | status | ratio s=0.5 | ratio s=0.9 | form | native=graph | " \
+                       "generate | RigL counts | ONNX | reason |"
+    assert table[1] == "| gpt2 | wide | full | 1.0000 | 1.0000 | native | yes | yes | yes | yes |  |"
+    assert table[2] == "| t5 | parallel | full | 1.0000 | - | native | yes | yes | yes | yes |  |"
+    assert len(table) == 3
+
+
+def test_support_matrix_refuses_unknown_names_in_one_line(capsys):
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "support_matrix.py")
+    spec = importlib.util.spec_from_file_location("support_matrix", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert exit_status(script.main, ["--transforms", "wide,sparse_wide"]) == 2
+    assert capsys.readouterr().err == ("support_matrix.py: unknown transform sparse_wide; "
+                                       "known: wide, parallel, factorized, doped\n")
+    assert exit_status(script.main, ["--families", "gpt3"]) == 2
+    assert capsys.readouterr().err.startswith("support_matrix.py: unknown family gpt3; known: resnet18, vit, gpt2")

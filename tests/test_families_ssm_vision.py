@@ -19,15 +19,13 @@ import os
 import re
 import warnings
 
-import onnxruntime as ort
 import pytest
-import torch
 
 import sift_compiler as sift
 from sift_compiler.errors import SiftError, SiftWarning
-from sift_compiler.native import relative_error
 from sift_compiler.testing import assert_masks_exact
-from checks import assert_allclose_outputs, tensors
+from checks import (assert_generate_equals_recompute, assert_iso_flop, assert_native_equals_graph,
+                    assert_onnx_matches, assert_rigl_keeps_exact_counts)
 from families_ssm_vision import CAUSAL_LM, FAMILIES, available
 
 TRANSFORMS = ["parallel", "factorized", "doped", "wide"]
@@ -67,13 +65,6 @@ def _cases():
                 yield pytest.param(name, transform, sparsity, marks=marks, id=f"{name}-{transform}-s{sparsity}")
 
 
-def _grown(tree):
-    """The inputs at batch + 2: a size the compiler's own native check did not use."""
-    def grow(t):
-        return torch.cat([t, t[:1], t[:1]]) if isinstance(t, torch.Tensor) and t.dim() else t
-    return tree if tree is None else torch.utils._pytree.tree_map(grow, tree)
-
-
 def _compile(name, transform, sparsity):
     if (name, transform, sparsity) not in _COMPILED:
         _COMPILED[name, transform, sparsity] = _compile_checked(name, transform, sparsity)
@@ -104,50 +95,19 @@ def test_family_transform(name, transform, sparsity, tmp_path):
     else:
         assert result.output == "native" and type(module) is type(case.model), report.notes
     assert abs(report.flop_ratio - 1) <= 0.005, report.table()
+    assert_iso_flop(result)
     assert_masks_exact(module)
-
-    args, kwargs = _grown(case.args), _grown(case.kwargs)
-    with torch.no_grad():
-        assert relative_error(tensors(module.eval()(*args, **kwargs)),
-                              tensors(result.graph_module.eval()(*args, **kwargs))) <= 1e-5
+    assert_native_equals_graph(result, case)
 
     if FULL or transform == "wide" or reason:
-        _rigl_steps(module, case)
+        assert_rigl_keeps_exact_counts(module, case)
         if name in NO_ONNX:
             if name in SLOW and not FULL:
                 return  # the SSM exporter failure costs a TorchScript trace of the scan: full matrix only
             with pytest.raises(SiftError, match=NO_ONNX[name]):
                 sift.export_onnx(module, case.args, str(tmp_path / "model.onnx"), case.kwargs, verify=False)
         else:
-            _onnx_matches(module, case, tmp_path)
-
-
-def _rigl_steps(module, case, steps: int = 4) -> None:
-    """Two RigL mask updates (every second step, drop fraction 0.3): counts stay exact per layer."""
-    module.train()
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.01)
-    masks = sift.sparsity.RigL(module, optimizer, total_steps=steps, update_interval=2, end_fraction=1.0)
-    before = {name: layer.weight_mask.clone() for name, layer in sift.sparsity.iter_masked(module)}
-    for _ in range(steps):
-        out = tensors(module(*case.args, **case.kwargs))
-        sum(t.float().pow(2).mean() for t in out if t.is_floating_point()).backward()
-        optimizer.step()
-        masks.step()
-        optimizer.zero_grad()
-    assert_masks_exact(module)
-    after = dict(sift.sparsity.iter_masked(module))
-    assert any(not torch.equal(before[n], after[n].weight_mask) for n in before), "RigL moved no weight"
-
-
-def _onnx_matches(module, case, tmp_path) -> None:
-    module.eval()
-    with torch.no_grad():
-        expected = [t.numpy() for t in tensors(module(*case.args, **case.kwargs))]
-    path = tmp_path / "model.onnx"
-    info = sift.export_onnx(module, case.args, str(path), case.kwargs, verify=False)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {n: t.numpy() for n, t in zip(info.input_names, tensors((case.args, case.kwargs)))}
-    assert_allclose_outputs(session.run(None, feed), expected)
+            assert_onnx_matches(module, case, str(tmp_path / "model.onnx"))
 
 
 @pytest.mark.xdist_group(GROUP)
@@ -156,15 +116,7 @@ def test_ssm_generate_with_cache_equals_recompute(name):
     """Sparse Wide (sizes change) on an SSM LM: generate() with its conv and SSM state cache
     decodes what a full recompute decodes."""
     case, result = _compile(name, "wide", 0.5)
-    model = result.module.eval()
-    prompt = case.kwargs["input_ids"][:, :5]
-    generated = model.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
-    recomputed = prompt
-    with torch.no_grad():
-        for _ in range(6):
-            step = model(input_ids=recomputed, use_cache=False).logits[:, -1:].argmax(-1)
-            recomputed = torch.cat([recomputed, step], 1)
-    assert torch.equal(generated, recomputed)
+    assert_generate_equals_recompute(result.module, "causal", case.kwargs, steps=6)
 
 
 def test_mamba2_wide_scale_widens_heads_state_and_conv_together():
@@ -189,4 +141,4 @@ def test_mamba2_parallel_native_with_out_proj_dense_trains():
     result = sift.compile(case.model, "parallel", 0.5, case.args, case.kwargs, keep_dense=["*.out_proj"])
     assert result.output == "native" and type(result.module) is type(case.model), result.report.notes
     assert abs(result.report.flop_ratio - 1) <= 0.005
-    _rigl_steps(result.module, case)
+    assert_rigl_keeps_exact_counts(result.module, case)

@@ -25,11 +25,11 @@ import sift_compiler as sift
 from sift_compiler.capture.experts import RoutedExperts
 from sift_compiler.capture.sources import load_model
 from sift_compiler.errors import ShortfallError
-from sift_compiler.native import relative_error
 from sift_compiler.sparsity.init import exact_count
 from sift_compiler.sparsity.layers import iter_masked
 from sift_compiler.testing import assert_masks_exact
-from checks import independent_weight_flops, tensors
+from checks import (assert_generate_equals_recompute, assert_iso_flop, assert_native_equals_graph,
+                    assert_onnx_matches, independent_weight_flops)
 
 _COMMON = "num_hidden_layers=2,hidden_size=32,num_attention_heads=4,num_key_value_heads=2,vocab_size=128," \
           "max_position_embeddings=64"
@@ -96,17 +96,6 @@ def routers_flops(model: nn.Module, kwargs) -> float:
                if type(m).__name__.endswith("Router")) / kwargs["input_ids"].shape[0]
 
 
-def assert_generate_matches_recompute(model: nn.Module, ids: torch.Tensor, steps: int = 6) -> None:
-    prompt = ids[:, :5]
-    generated = model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-    recomputed = prompt
-    with torch.no_grad():
-        for _ in range(steps):
-            step = model(input_ids=recomputed, use_cache=False).logits[:, -1:].argmax(-1)
-            recomputed = torch.cat([recomputed, step], 1)
-    assert torch.equal(generated, recomputed)
-
-
 @pytest.mark.parametrize("name, transform, sparsity", list(_cases()))
 def test_moe_transforms(name, transform, sparsity, tmp_path):
     source = _case(name)
@@ -125,6 +114,7 @@ def test_moe_transforms(name, transform, sparsity, tmp_path):
 
     # iso-FLOP per token counting active experts, within the rounding bound VerifyPass holds it to
     assert abs(report.flop_ratio - 1) <= 2e-3, report.table()
+    assert_iso_flop(result)
     dense = dense_weight_flops(source.module, source.kwargs)
     assert report.dense_flops == pytest.approx(dense, rel=1e-9)
     # the native model routes each token through 2 of 8 experts; each expert holds the same count
@@ -132,27 +122,13 @@ def test_moe_transforms(name, transform, sparsity, tmp_path):
     assert measured == pytest.approx(report.sift_flops, rel=1e-9)
     assert_masks_exact(model)
 
-    ids = torch.cat([source.kwargs["input_ids"]] * 3)  # a batch compile did not check
-    with torch.no_grad():
-        assert relative_error(tensors(model(input_ids=ids)), tensors(result.graph_module.eval()(input_ids=ids))) <= 1e-5
-    assert_generate_matches_recompute(model, source.kwargs["input_ids"])
+    assert_native_equals_graph(result, source)  # at batch 3, a batch compile did not check
+    assert_generate_equals_recompute(model, "causal", source.kwargs, steps=6)
     params = report.parameters
     assert params["dense"]["active"] < params["dense"]["total"] and params["sift"]["active_nonzero"] > 0
     if FULL or (name, transform) == ("qwen3_moe", "parallel"):
-        assert_onnx_matches(model, source.kwargs, tmp_path)
-
-
-def assert_onnx_matches(model: nn.Module, kwargs, tmp_path) -> None:
-    """The TorchScript exporter (opset 17) traces every expert on every token: onnxruntime == torch."""
-    import onnxruntime as ort
-    path = tmp_path / "moe.onnx"
-    info = sift.export_onnx(model, (), str(path), kwargs, verify=False)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ids = kwargs["input_ids"]
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    actual = torch.from_numpy(session.run(None, {info.input_names[0]: ids.numpy()})[0])
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+        # the TorchScript exporter (opset 17) traces every expert on every token
+        assert_onnx_matches(model, source, str(tmp_path / "moe.onnx"), rtol=1e-4, atol_scale=1e-5)
 
 
 def test_headline_wide_075_is_iso_flop_per_token_and_rigl_keeps_each_expert_exact(tmp_path):
@@ -218,7 +194,7 @@ def test_deepseek_v3_moe_compiles_natively_with_shared_experts_as_plain_layers()
     # its router computes in float32 on a cast of its weight: a functional linear, left dense
     assert all(layer.kept_dense for name, layer in names.items() if name.endswith("mlp.gate"))
     assert abs(result.report.flop_ratio - 1) <= 2e-3
-    assert_generate_matches_recompute(result.module.eval(), source.kwargs["input_ids"])
+    assert_generate_equals_recompute(result.module, "causal", source.kwargs, steps=6)
 
 
 def test_experts_layout_it_cannot_rewrite_is_named_never_silently_kept():
