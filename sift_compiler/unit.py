@@ -20,10 +20,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.fx._pytree as fx_pytree
-import torch.utils._pytree as pytree
 
 from .analyses.manager import AnalysisManager
 from .capture.modules import on_meta_device
+from .compare import tensor_leaves
 from .config import CompileConfig
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ class CompilationUnit:
 
     @property
     def batch_size(self) -> int:
-        first = next((t for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)), None)
+        first = next(iter(tensor_leaves((self.args, self.kwargs))), None)
         return int(first.shape[0]) if first is not None and first.dim() > 0 else 1
 
 

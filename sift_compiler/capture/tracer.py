@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from ..compare import compare_to_reference, tensor_leaves
 from ..config import attach_config, config_of
 from ..errors import CaptureError, UserInputError, first_line
 from ..sparsity.layers import MaskedLayer
@@ -301,7 +302,7 @@ def leaf_module(cls: type) -> type:
 
 
 def _describe_inputs(args, kwargs) -> str:
-    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    leaves = tensor_leaves((args, kwargs))
     return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in leaves)
 
 
@@ -311,7 +312,7 @@ def reference_outputs(model: nn.Module, args, kwargs):
     model.eval()
     try:
         with torch.no_grad():
-            return [t.clone() for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+            return [t.clone() for t in tensor_leaves(model(*args, **kwargs))]
     except Exception as e:
         first = first_line(e)
         raise UserInputError(f"{type(model).__name__} rejects the example input ({_describe_inputs(args, kwargs)}): "
@@ -323,17 +324,17 @@ def reference_outputs(model: nn.Module, args, kwargs):
 
 def check_capture(gm: fx.GraphModule, args, kwargs, expected, model_name: str,
                   rtol: float = 1e-4, atol: float = 1e-5) -> None:
-    """Raise CaptureError unless ``gm`` reproduces the model's ``expected`` outputs."""
+    """Raise CaptureError unless ``gm`` reproduces the model's ``expected`` outputs (every entry
+    within ``atol + rtol |expected|``, `compare.compare_to_reference`)."""
     try:
         with torch.no_grad(), eval_mode(gm):
-            actual = [t for t in pytree.tree_leaves(gm(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+            actual = tensor_leaves(gm(*args, **kwargs))
     except Exception as e:
         raise CaptureError(f"the captured graph of {model_name} does not run on the example inputs: "
                            f"{type(e).__name__}: {e}") from e
-    if len(expected) != len(actual):
-        raise CaptureError(f"captured graph returns {len(actual)} tensors, the model {len(expected)}")
-    for i, (e, a) in enumerate(zip(expected, actual)):
-        if e.shape != a.shape or not torch.allclose(e.float(), a.float(), rtol=rtol, atol=atol):
-            raise CaptureError(f"captured graph output {i} differs from the model's "
-                               f"(shape {tuple(a.shape)} vs {tuple(e.shape)}); the model may depend on "
-                               "state that tracing froze. Please report it with the model.")
+    comparison = compare_to_reference(actual, expected, rtol=rtol, atol=atol)
+    if not comparison.close:
+        what = comparison.mismatch or \
+            f"outputs differ by up to {comparison.max_abs:.3g} (output scale {comparison.scale:.3g})"
+        raise CaptureError(f"the captured graph of {model_name} does not reproduce the model's outputs: {what}; "
+                           "the model may depend on state that tracing froze. Please report it with the model.")
