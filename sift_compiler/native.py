@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .capture.modules import eval_mode, submodule_or_none
+from .module_tools import eval_mode, submodule_or_none
 from .compare import compare_to_reference, tensor_leaves
 from .config import OUTPUTS  # noqa: F401  (re-exported: the forms compile returns)
 from .errors import first_line

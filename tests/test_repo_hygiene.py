@@ -46,7 +46,8 @@ LAYERS = ("errors", "sparsity", "config", "capture", "analyses", "unit", "passes
 # module path (relative to sift_compiler, dotted; "" is the package root) -> layer. The longest
 # matching prefix decides, so a package places every module in it unless one of them is listed.
 PLACES = {
-    "errors": "errors", "io": "errors", "version": "errors", "compare": "errors",   # what everything may use
+    "errors": "errors", "io": "errors", "version": "errors",          # what everything may use
+    "compare": "errors", "module_tools": "errors",
     "sparsity": "sparsity", "distributed": "sparsity", "testing": "sparsity",   # masks, engines, FSDP glue
     "config": "config", "registry": "config",
     "capture": "capture", "initialization": "capture", "plan": "capture",                # weights of a captured model

@@ -103,7 +103,7 @@ def _torch_reference(result, feeds):
     import numpy as np
     import torch
     import torch.utils._pytree as pytree
-    from ..capture.modules import eval_mode
+    from ..module_tools import eval_mode
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
     kwargs = {k: v for k, v in tensors.items() if k in result.unit.kwargs}
     args = [v for k, v in tensors.items() if k not in kwargs]

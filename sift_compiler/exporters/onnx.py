@@ -42,12 +42,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..capture.modules import eval_mode
 from ..capture.tracer import graph_of
 from ..compare import tensor_leaves
 from ..config import config_of
 from ..errors import ExportError, UserInputError, VerificationFailed, first_line
 from ..io import check_writable
+from ..module_tools import eval_mode
 from ..sparsity.layers import bake_masks  # noqa: F401 (re-exported: it lived here)
 from ..unit import bind_placeholders
 from .checks import Verification, verify_onnx
@@ -129,9 +129,6 @@ def _dynamic_axes(names, inputs, output_names, outputs) -> Dict[str, Dict[int, s
         if y.dim() >= 2 and y.shape[1] in lengths:
             axes[n][1] = "sequence"
     return axes
-
-
-_eval_mode = eval_mode
 
 
 def _torch_export(baked: nn.Module, inputs, raw: str, names, output_names, axes, opset: int, fold: bool) -> None:
@@ -226,14 +223,14 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, settings: ExportSetti
     with torch.no_grad():
         outputs = tensor_leaves(baked(*inputs))
         if verify:  # the trained module itself, not the export form: checks prove the form changes nothing
-            with _eval_mode(module):
+            with eval_mode(module):
                 reference = [t.detach().cpu().numpy() for t in tensor_leaves(module(*args, **kwargs))]
     output_names = ["output"] + [f"output_{i}" for i in range(1, len(outputs))]
     other_shape = None
     if verify and dynamic_batch:  # a file that declares dynamic axes must also run at another shape
         other_args, other_kwargs = other_shape_inputs((args, kwargs))
         try:
-            with torch.no_grad(), _eval_mode(module):
+            with torch.no_grad(), eval_mode(module):
                 other_reference = [t.detach().cpu().numpy() for t in tensor_leaves(module(*other_args, **other_kwargs))]
         except Exception as e:  # the model itself fixes a size (a hard-coded view, say)
             dynamic_batch = False
