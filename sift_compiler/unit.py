@@ -25,6 +25,7 @@ from .analyses.manager import AnalysisManager
 from .capture.modules import on_meta_device
 from .compare import tensor_leaves
 from .config import CompileConfig
+from .sparsity.counts import count_parameters
 
 if TYPE_CHECKING:
     from .analyses.flops import FlopCounts
@@ -112,7 +113,7 @@ class Baseline:
     flops: "FlopCounts"      # the iso-FLOP target (``weight_dense``)
     layers: "LayerTable"     # the dense weight layers (the report's rows)
     outputs: Any             # output TensorSpecs (VerifyPass: the rewrite keeps shapes and dtypes)
-    parameters: Any = None   # `analyses.flops.ParameterCounts`: total and per-token active
+    parameters: Any = None   # `sparsity.counts.ParameterCount`: total and per-token active
 
 
 class CompilationUnit:
@@ -148,10 +149,10 @@ class CompilationUnit:
         from .analyses.flops import FlopAnalysis
         from .analyses.layers import LayerAnalysis
         from .analyses.shapes import ShapeAnalysis
-        from .analyses.flops import parameter_counts
+        from .analyses.flops import routed_shares
         self.dense_baseline = Baseline(self.analyses.get(FlopAnalysis), self.analyses.get(LayerAnalysis),
                                        self.analyses.get(ShapeAnalysis).outputs(self.module),
-                                       parameter_counts(self.module))
+                                       count_parameters(self.module, routed_shares(self.module)))
         return self.dense_baseline
 
     @property
