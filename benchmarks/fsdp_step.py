@@ -39,7 +39,7 @@ def _worker(args: argparse.Namespace) -> None:
     import sift_compiler as sift
     from sift_compiler.distributed import fully_shard_model
     from sift_compiler.exporters import bake_masks
-    from sift_compiler.sparsity import iter_masked
+    from sift_compiler.sparsity import count_parameters, iter_masked
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -98,7 +98,7 @@ def _worker(args: argparse.Namespace) -> None:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"times": times, "shards": shards,
-                       "parameters": sum(p.numel() for p in compiled.parameters() if p.is_floating_point())}, f)
+                       "parameters": count_parameters(compiled).total}, f)
     dist.destroy_process_group()
 
 

@@ -47,8 +47,9 @@ class CompileConfig:
     sparse layer gets a transposable N:M mask (`sparsity.nm`) at exactly s = 1 - N/M, which
     ``sparsity`` must then equal. The sparse layers are not compensated (they stay at N/M, so the
     result is near iso-FLOP, not exactly: the report gives the ratio), and Sparse Wide rounds its
-    widened channels to multiples of M (``round_to`` becomes lcm(round_to, M)). "2:4" at s = 0.5
-    (k = sqrt 2) is the pattern GPU 2:4 kernels run (`sift_compiler.deploy.to_semi_structured`).
+    widened channels to multiples of M too (`channel_multiple`: lcm(round_to, M); ``round_to`` stays as
+    asked). "2:4" at s = 0.5 (k = sqrt 2) is the pattern GPU 2:4 kernels run
+    (`sift_compiler.deploy.to_semi_structured`).
 
     ``transform`` is any name in the transform registry (`registry.transform_names`), including
     ones registered with `registry.register_transform`.
@@ -96,12 +97,17 @@ class CompileConfig:
             if abs(self.sparsity - (1 - n / m)) > 1e-9:
                 raise UserInputError(f"pattern {self.pattern!r} fixes the sparsity at {1 - n / m:g} (N of every M "
                                      f"weights kept), got sparsity={self.sparsity:g}: pass sparsity={1 - n / m:g}")
-            object.__setattr__(self, "round_to", math.lcm(self.round_to, m))  # frozen: set once, here
 
     @property
     def nm(self) -> Optional[Tuple[int, int]]:
         """(N, M) for an N:M ``pattern``, None for unstructured masks."""
         return parse_pattern(self.pattern)
+
+    @property
+    def channel_multiple(self) -> int:
+        """What Sparse Wide rounds widened channels to: ``round_to``, and M of an N:M ``pattern`` too."""
+        nm = self.nm
+        return self.round_to if nm is None else math.lcm(self.round_to, nm[1])
 
     @property
     def density(self) -> float:

@@ -45,9 +45,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils._pytree as pytree
 
-from .capture.modules import eval_mode, submodule_or_none
+from .module_tools import eval_mode, submodule_or_none
+from .compare import compare_to_reference, tensor_leaves
 from .config import OUTPUTS  # noqa: F401  (re-exported: the forms compile returns)
 from .errors import first_line
 from .unit import CompilationUnit, LiteralRewrite, ModuleRewrite, TensorRewrite
@@ -320,30 +320,10 @@ def build_native(unit: CompilationUnit, model: nn.Module, originals: Dict[str, n
     return NativeBuild(model, [], notes)
 
 
-def _leaves(tree: Any) -> List[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
-
-
-def relative_error(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
-    """max |a - b| / max |b| over all outputs (inf when shapes or counts differ)."""
-    if len(actual) != len(expected):
-        return math.inf
-    worst, scale = 0.0, 0.0
-    for a, b in zip(actual, expected):
-        if a.shape != b.shape:
-            return math.inf
-        if not b.is_floating_point():
-            if not torch.equal(a, b):
-                return math.inf
-            continue
-        a, b = a.detach().double(), b.detach().double()
-        if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
-            return math.inf
-        finite = torch.isfinite(b)
-        if finite.any():
-            worst = max(worst, float((a[finite] - b[finite]).abs().max()))
-            scale = max(scale, float(b[finite].abs().max()))
-    return worst / scale if scale > 0 else (0.0 if worst == 0 else math.inf)
+def relative_error(actual: Any, expected: Any) -> float:
+    """max |a - b| / max |b| over all outputs (inf when shapes, counts, NaN/inf places or integer
+    values differ): `compare.compare_to_reference`'s relative error."""
+    return compare_to_reference(actual, expected).relative
 
 
 def _eval_outputs(module: nn.Module, args, kwargs) -> List[torch.Tensor]:
@@ -356,7 +336,7 @@ def _eval_outputs(module: nn.Module, args, kwargs) -> List[torch.Tensor]:
         for layer in masked:
             layer.engine_managed = True
         with torch.no_grad(), eval_mode(module):
-            return _leaves(module(*args, **kwargs))
+            return tensor_leaves(module(*args, **kwargs))
     finally:
         for layer in masked:
             layer.engine_managed = False

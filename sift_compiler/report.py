@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import torch.fx as fx
 
-from .analyses.flops import CATEGORIES, FlopAnalysis, FlopCounts, parameter_counts
+from .analyses.flops import CATEGORIES, FlopAnalysis, FlopCounts, routed_shares
 from .analyses.layers import LayerTable
 from .sparsity.counts import count_parameters
 from .unit import CompilationUnit, LayerDecision
@@ -53,8 +53,8 @@ class FlopReport:
     uncounted_ops: List[str] = field(default_factory=list)
     budget: str = "flops"             # "latency": sized by measured latency, not iso-FLOP (sift_compiler.latency)
     capacity: Optional[float] = None  # the transform's size when set instead of the iso-FLOP formula
-    # {"dense"|"sift": {"total", "active", "nonzero", "active_nonzero"}, and sift's "masks"}: floating-point
-    # parameters; active = what one token uses (top_k of num_experts experts in a mixture of experts);
+    # {"dense"|"sift": {"total", "active", "nonzero", "active_nonzero", "masks"}} (`sparsity.count_parameters`):
+    # parameters without the masks; active = what one token uses (top_k of num_experts experts in a mixture of experts);
     # masks (bool parameters, so FSDP2 shards them) are counted apart, never as parameters
     parameters: Dict[str, Dict[str, int]] = field(default_factory=dict)
 
@@ -202,9 +202,7 @@ def _parameters(unit) -> Dict[str, Dict[str, int]]:
     dense = unit.dense_baseline.parameters if unit.dense_baseline is not None else None
     if dense is None:
         return {}
-    sift = asdict(parameter_counts(unit.module))
-    sift["masks"] = count_parameters(unit.module).masks
-    return {"dense": asdict(dense), "sift": sift}
+    return {"dense": asdict(dense), "sift": asdict(count_parameters(unit.module, routed_shares(unit.module)))}
 
 
 def _input_shape(unit):

@@ -20,11 +20,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.fx._pytree as fx_pytree
-import torch.utils._pytree as pytree
 
 from .analyses.manager import AnalysisManager
 from .capture.modules import on_meta_device
+from .compare import tensor_leaves
 from .config import CompileConfig
+from .sparsity.counts import count_parameters
 
 if TYPE_CHECKING:
     from .analyses.flops import FlopCounts
@@ -112,7 +113,7 @@ class Baseline:
     flops: "FlopCounts"      # the iso-FLOP target (``weight_dense``)
     layers: "LayerTable"     # the dense weight layers (the report's rows)
     outputs: Any             # output TensorSpecs (VerifyPass: the rewrite keeps shapes and dtypes)
-    parameters: Any = None   # `analyses.flops.ParameterCounts`: total and per-token active
+    parameters: Any = None   # `sparsity.counts.ParameterCount`: total and per-token active
 
 
 class CompilationUnit:
@@ -148,10 +149,10 @@ class CompilationUnit:
         from .analyses.flops import FlopAnalysis
         from .analyses.layers import LayerAnalysis
         from .analyses.shapes import ShapeAnalysis
-        from .analyses.flops import parameter_counts
+        from .analyses.flops import routed_shares
         self.dense_baseline = Baseline(self.analyses.get(FlopAnalysis), self.analyses.get(LayerAnalysis),
                                        self.analyses.get(ShapeAnalysis).outputs(self.module),
-                                       parameter_counts(self.module))
+                                       count_parameters(self.module, routed_shares(self.module)))
         return self.dense_baseline
 
     @property
@@ -215,7 +216,7 @@ class CompilationUnit:
 
     @property
     def batch_size(self) -> int:
-        first = next((t for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)), None)
+        first = next(iter(tensor_leaves((self.args, self.kwargs))), None)
         return int(first.shape[0]) if first is not None and first.dim() > 0 else 1
 
 

@@ -123,3 +123,33 @@ def test_error_reports_quote_one_line_of_a_library_error_even_an_empty_one():
     assert first_line(RuntimeError()) == ""  # str(e).splitlines()[0] raised IndexError here
     assert first_line(RuntimeError("\n  shape mismatch\nTraceback ...")) == "shape mismatch"
     assert first_line(ValueError("x" * 1000)) == "x" * 300 and len(first_line(ValueError("y" * 50), 20)) == 20
+
+
+class FrozenNorm(nn.Module):
+    """A training model whose BatchNorm is frozen in eval mode (fine-tuning with fixed statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.body(torch.relu(self.norm(self.stem(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_submodule_in_eval_mode_stays_in_eval_mode(method):
+    """Capture and compile give every submodule its own training flag back, not the root's: the
+    user's model, the captured graph and the compiled model keep the frozen BatchNorm frozen."""
+    model = FrozenNorm().train()
+    model.norm.eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = capture(model, (x,), method=method).module
+    assert graph.training and not graph.get_submodule("norm").training
+    result = sift.compile(model, "parallel", 0.75, (x,), capture_method=method)
+    assert model.training and not model.norm.training
+    for compiled in (result.module, result.graph_module):
+        assert compiled.training and not compiled.get_submodule("norm").training, type(compiled).__name__

@@ -101,7 +101,7 @@ def _all(flag: bool) -> bool:
 def _snapshot(model, engine) -> dict:
     """Digests of the gathered masks, sparse weights and all parameters; exact global counts."""
     from sift_compiler.sparsity.shards import local
-    counts = engine._global_counts(engine.weights)
+    counts = engine.global_counts(engine.weights)
     exact = all(c == w.count for c, w in zip(counts, engine.weights))
     zeros = all(not bool(local(w.param)[~local(w.layer.weight_mask)].any()) for w in engine.weights)
     return {"masks": _digest(w.layer.weight_mask for w in engine.weights),

@@ -58,4 +58,5 @@ def test_the_report_counts_weights_and_their_non_zeros(wide_gpt2):
     assert p["dense"]["total"] == dense and p["sift"]["total"] == floating(model)
     assert p["sift"]["nonzero"] == floating(model) - masked_weights + kept and p["sift"]["masks"] == masked_weights
     assert p["sift"]["nonzero"] < p["sift"]["total"] and "mask entries are not parameters" in result.report.table()
+    assert p["dense"]["masks"] == 0 and p["sift"]["active"] == p["sift"]["total"]  # no experts: a token uses all
     assert result.report.to_dict()["parameters"] == p

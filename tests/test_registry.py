@@ -35,7 +35,8 @@ class MarkerPass(Pass):
 
 def _mine_pipeline(config):
     options = RewriteOptions.of(config)
-    return [MarkerPass(), SparseParallelPass(options.sparsity, defer_init=True, capacity=2.0), *finish_passes(config)]
+    return [MarkerPass(), SparseParallelPass(options.sparsity, defer_init=True, capacity=2.0, options=options),
+            *finish_passes(config)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -148,7 +149,8 @@ def test_the_config_survives_deepcopy_and_torch_save(output, tmp_path):
 
 # ------------------------------------------------------------------ options reach passes frozen
 def test_a_rewrite_pass_takes_sigma_from_its_options_not_the_global_config():
-    """The pipeline's frozen options decide sigma; unit.config is only the fallback of a bare pass."""
+    """The pipeline's frozen options decide sigma; a bare pass has RewriteOptions' defaults and never reads
+    unit.config (here asking for GELU)."""
     from sift_compiler.capture import capture
     from sift_compiler.unit import CompilationUnit
 
@@ -159,7 +161,7 @@ def test_a_rewrite_pass_takes_sigma_from_its_options_not_the_global_config():
         SparseParallelPass(0.75, options=options)(unit)
         return {(type(m.norm).__name__, type(m.act).__name__) for m in unit.module.modules()
                 if isinstance(m, SparseBranch)}
-    assert sigmas(None) == {("NoneType", "GELU")}  # a bare pass: the unit's config
+    assert sigmas(None) == {("NoneType", "ReLU")}  # a bare pass: "auto", the model's own activation
     assert sigmas(RewriteOptions(0.75, activation="relu")) == {("NoneType", "ReLU")}
     assert sigmas(RewriteOptions(0.75, activation="silu", linear_norm=True)) == {("LayerNorm", "SiLU")}
 

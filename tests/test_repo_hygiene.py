@@ -47,6 +47,7 @@ LAYERS = ("errors", "sparsity", "config", "capture", "analyses", "unit", "passes
 # matching prefix decides, so a package places every module in it unless one of them is listed.
 PLACES = {
     "errors": "errors", "io": "errors", "version": "errors",          # what everything may use
+    "compare": "errors", "module_tools": "errors",
     "sparsity": "sparsity", "distributed": "sparsity", "testing": "sparsity",   # masks, engines, FSDP glue
     "config": "config", "registry": "config",
     "capture": "capture", "initialization": "capture", "plan": "capture",                # weights of a captured model

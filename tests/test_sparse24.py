@@ -45,7 +45,7 @@ def test_compile_gives_transposable_2_4_masks_at_k_sqrt2():
     for name, mask in masks.items():
         assert is_transposable_nm(mask, 2, 4) and is_two_four(mask), name
         assert mask.shape[0] % 4 == 0 and mask.shape[1] % 4 == 0
-    assert result.config.round_to == 4 and result.config.nm == (2, 4)
+    assert result.config.channel_multiple == 4 and result.config.round_to == 1 and result.config.nm == (2, 4)
     up = result.module.up[0]
     assert up.in_features == 44 and up.out_features == 180   # 32 * sqrt 2 = 45.3 -> 44; 128 * sqrt 2 = 181 -> 180
     assert any("pattern 2:4" in note for note in result.report.notes)

@@ -21,8 +21,8 @@ from typing import Callable, List, Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from ..sparsity.init import exact_count
-from ..sparsity.layers import MaskedLayer, mask_nnz
+from ..sparsity.counts import planned_nnz
+from ..sparsity.layers import MaskedLayer
 from .shapes import ShapeMap, TensorSpec
 
 
@@ -78,15 +78,6 @@ ELEMENTWISE = per_element(1.0)
 SOFTMAX = per_element(3.0)
 BATCH_NORM = per_element(2.0, "norm")
 NORM = per_element(5.0, "norm")
-
-
-def planned_nnz(layer: MaskedLayer) -> int:
-    """The non-zeros of a masked layer's mask: counted, or on the meta device (nothing drawn, a
-    compile that only plans) the exact count its target density will draw."""
-    if layer.weight_mask.is_meta:
-        numel = layer.weight.numel()
-        return exact_count(layer.target_density, numel) if layer.target_density < 1 else numel
-    return mask_nnz(layer.weight_mask)
 
 
 def weight_module(gm, node, shapes) -> Cost:

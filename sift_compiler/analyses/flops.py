@@ -15,14 +15,13 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..capture.experts import ROUTED
-from ..sparsity.layers import MaskedLayer
-from .flop_rules import Cost, mask_nnz, planned_nnz
+from ..sparsity.layers import mask_nnz  # noqa: F401  (re-exported: verify reads it here)
+from .flop_rules import Cost
 from .manager import Analysis
 from .ops import lookup, op_name
 from .shapes import ShapeAnalysis, ShapeMap, TensorSpec
 
-__all__ = ["CATEGORIES", "FlopAnalysis", "FlopCounts", "NodeFlops", "ParameterCounts", "count_flops", "mask_nnz",
-           "parameter_counts"]
+__all__ = ["CATEGORIES", "FlopAnalysis", "FlopCounts", "NodeFlops", "count_flops", "mask_nnz", "routed_shares"]
 CATEGORIES = ("weight", "attention", "norm", "pool", "elementwise", "embedding", "other")
 _CALLS = ("call_module", "call_function", "call_method")
 
@@ -92,33 +91,10 @@ def count_flops(gm: fx.GraphModule, shapes: ShapeMap, batch: int) -> FlopCounts:
     return FlopCounts(nodes, batch, tuple(sorted(set(uncounted))))
 
 
-@dataclass(frozen=True)
-class ParameterCounts:
-    """Floating-point parameters of a graph: all of them, and those one token uses (a MoE token
-    uses top_k of num_experts experts); ``nonzero`` counts only unmasked weights."""
-
-    total: int
-    active: int
-    nonzero: int
-    active_nonzero: int
-
-
-def parameter_counts(gm: fx.GraphModule) -> ParameterCounts:
-    """`ParameterCounts` of ``gm``: an expert's parameters count ``sift.routed`` in the active ones."""
-    share = {str(n.target): n.meta[ROUTED] for n in gm.graph.nodes if n.op == "call_module" and ROUTED in n.meta}
-    seen, total, active, nonzero, active_nonzero = set(), 0, 0.0, 0, 0.0
-    for name, module in gm.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            if id(param) in seen or not param.is_floating_point():
-                continue
-            seen.add(id(param))
-            numel = param.numel()
-            unmasked = (planned_nnz(module) if isinstance(module, MaskedLayer) and param_name == "weight"
-                        else numel)
-            fraction = share.get(name, 1.0)
-            total, nonzero = total + numel, nonzero + unmasked
-            active, active_nonzero = active + fraction * numel, active_nonzero + fraction * unmasked
-    return ParameterCounts(total, round(active), nonzero, round(active_nonzero))
+def routed_shares(gm: fx.GraphModule) -> Dict[str, float]:
+    """{module path: the fraction of tokens that use it} for the modules inside a mixture of experts'
+    experts (``sift.routed``), what `sparsity.count_parameters` counts their active parameters at."""
+    return {str(n.target): n.meta[ROUTED] for n in gm.graph.nodes if n.op == "call_module" and ROUTED in n.meta}
 
 
 class FlopAnalysis(Analysis[FlopCounts]):

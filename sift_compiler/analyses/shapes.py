@@ -13,6 +13,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..errors import UnsupportedOpError, describe_node, first_line
+from ..module_tools import eval_mode
 from ..sparsity.layers import WEIGHT_LAYER_TYPES, MaskedLayer
 from .manager import Analysis
 
@@ -164,9 +165,7 @@ def _call_as(base: type, module, state, args, kwargs):
 def propagate_shapes(gm: fx.GraphModule, flat_inputs) -> ShapeMap:
     """Record every node's output spec without real compute (eval mode): on meta tensors, or on
     fake tensors for graphs the meta device cannot run."""
-    training = gm.training
-    gm.eval()  # batch norm in train mode would write running stats
-    try:
+    with eval_mode(gm):  # batch norm in train mode would write running stats
         try:
             recorder = _MetaRecorder(gm)
             recorder.run(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in flat_inputs])
@@ -176,8 +175,6 @@ def propagate_shapes(gm: fx.GraphModule, flat_inputs) -> ShapeMap:
                 fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
                 recorder = _Recorder(gm)
                 recorder.run(*fake)
-    finally:
-        gm.train(training)
     return ShapeMap(recorder.specs)
 
 

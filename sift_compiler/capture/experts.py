@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..module_tools import submodule_or_none
+
 __all__ = ["ExpertMLP", "RoutedExperts", "experts_refusal", "annotate_routing", "is_fused_experts",
            "to_routed_experts", "EXPERTS_KEPT_FUSED", "ROUTED"]
 
@@ -179,10 +181,7 @@ def annotate_routing(gm: torch.fx.GraphModule, model: nn.Module) -> int:
     marked = 0
     for node in gm.graph.nodes:
         for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-            try:
-                module = model.get_submodule(path)
-            except AttributeError:
-                continue
+            module = submodule_or_none(model, path)
             if isinstance(module, RoutedExperts):
                 node.meta[ROUTED] = module.active_fraction
                 marked += 1

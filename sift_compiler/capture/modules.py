@@ -14,10 +14,9 @@ Library modules hide dense matmuls from a graph capture, so they are rewritten i
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -102,28 +101,6 @@ def is_transformers_model(model: nn.Module) -> bool:
     return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
                for c in type(model).__mro__)
 
-
-def submodule_or_none(root: Optional[nn.Module], path: Optional[str]) -> Optional[nn.Module]:
-    """``root.get_submodule(path)``, or None where there is no such module (or no root or path)."""
-    if root is None or path is None:
-        return None
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Run ``module`` in eval mode, then give every submodule its own training flag back (not the
-    root's to all: a frozen BatchNorm in a training model stays frozen)."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def on_meta_device(module: nn.Module) -> bool:

@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .modules import submodule_or_none
+from ..module_tools import submodule_or_none
 
 aten = torch.ops.aten
 
@@ -203,9 +203,8 @@ def _free_path(gm: fx.GraphModule, path: str, module: nn.Module, made: Dict[str,
     """`path` if nothing real lives there yet, else `path.op`, `path.op_1`, ..."""
     candidates = [path] + [f"{path}.{type(module).__name__.lower()}" + (f"_{i}" if i else "") for i in range(100)]
     for candidate in candidates:
-        try:
-            existing = gm.get_submodule(candidate)
-        except AttributeError:
+        existing = submodule_or_none(gm, candidate)
+        if existing is None:
             return candidate
         if candidate in made:
             continue

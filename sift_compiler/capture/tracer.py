@@ -30,11 +30,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from ..compare import compare_to_reference, tensor_leaves
 from ..config import attach_config, config_of
 from ..errors import CaptureError, UserInputError, first_line
 from ..sparsity.layers import MaskedLayer
 from .experts import EXPERTS_KEPT_FUSED, annotate_routing
-from .modules import canonicalize_modules, eval_mode, is_transformers_model, on_meta_device  # noqa: F401
+from ..module_tools import eval_mode, follow_training_flags
+from .modules import canonicalize_modules, is_transformers_model, on_meta_device
 from .normalize import annotate_provenance, modularize_functional_ops
 
 log = logging.getLogger(__name__)
@@ -111,10 +113,7 @@ def _fx_capture(model: nn.Module, kwargs: Dict[str, Any]) -> fx.GraphModule:
     # become modules in normalize, so train()/eval() still switch them afterwards.
     with eval_mode(model):
         gm = symbolic_trace(model, concrete_args=concrete or None)
-    own = {id(m) for m in model.modules()}  # the graph's leaves are the model's modules, flags given back
-    for m in gm.modules():
-        if id(m) not in own:  # the graph's root and the containers it made for dotted paths
-            m.training = model.training
+    follow_training_flags(gm, model)  # the graph's root and the containers it made for dotted paths
     _drop_concrete_arg_guards(gm)
     return gm
 
@@ -157,16 +156,15 @@ def _export_capture(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, A
         return None
     dynamic = (pytree.tree_map(dims, args2), pytree.tree_map(dims, kwargs2))
     dynamic_shapes = {**dict(zip(_positional_names(model, len(args2)), dynamic[0])), **dynamic[1]}
-    was_training = model.training
     # Exported in eval mode: torch.export bakes train-time constants (e.g. the attention dropout_p
     # handed to scaled_dot_product_attention) into the graph. Dropout and BatchNorm become modules
     # again in normalize, so train()/eval() still switch them afterwards.
-    model.eval()
-    program = torch.export.export(model, args2, kwargs2, dynamic_shapes=dynamic_shapes, strict=False)
+    with eval_mode(model):
+        program = torch.export.export(model, args2, kwargs2, dynamic_shapes=dynamic_shapes, strict=False)
     exported = program.module()
     # A plain GraphModule: exported modules refuse train()/eval().
     gm = fx.GraphModule(exported, exported.graph, type(model).__name__)
-    gm.train(was_training)
+    follow_training_flags(gm, model)
     _unslice_module_paths(gm)
     return gm
 
@@ -231,7 +229,7 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
         modularize_functional_ops(gm, model)
         annotate_provenance(gm, model)
         annotate_routing(gm, model)
-        gm.train(original.training)  # modules made from baked train/eval flags follow the model's mode
+        follow_training_flags(gm, model)  # modules made from baked train/eval flags follow the model's
         if verify:
             check_capture(gm, args, kwargs, reference, type(original).__name__)
     finally:
@@ -301,39 +299,35 @@ def leaf_module(cls: type) -> type:
 
 
 def _describe_inputs(args, kwargs) -> str:
-    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    leaves = tensor_leaves((args, kwargs))
     return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in leaves)
 
 
 def reference_outputs(model: nn.Module, args, kwargs):
     """The model's own outputs in eval mode; a model that rejects the inputs is a user error."""
-    training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            return [t.clone() for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+        with torch.no_grad(), eval_mode(model):
+            return [t.clone() for t in tensor_leaves(model(*args, **kwargs))]
     except Exception as e:
         first = first_line(e)
         raise UserInputError(f"{type(model).__name__} rejects the example input ({_describe_inputs(args, kwargs)}): "
                              f"{type(e).__name__}: {first}. Pass an input shape/dtype the model accepts "
                              "(--input-shape, --input-dtype).") from e
-    finally:
-        model.train(training)
 
 
 def check_capture(gm: fx.GraphModule, args, kwargs, expected, model_name: str,
                   rtol: float = 1e-4, atol: float = 1e-5) -> None:
-    """Raise CaptureError unless ``gm`` reproduces the model's ``expected`` outputs."""
+    """Raise CaptureError unless ``gm`` reproduces the model's ``expected`` outputs (every entry
+    within ``atol + rtol |expected|``, `compare.compare_to_reference`)."""
     try:
         with torch.no_grad(), eval_mode(gm):
-            actual = [t for t in pytree.tree_leaves(gm(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+            actual = tensor_leaves(gm(*args, **kwargs))
     except Exception as e:
         raise CaptureError(f"the captured graph of {model_name} does not run on the example inputs: "
                            f"{type(e).__name__}: {e}") from e
-    if len(expected) != len(actual):
-        raise CaptureError(f"captured graph returns {len(actual)} tensors, the model {len(expected)}")
-    for i, (e, a) in enumerate(zip(expected, actual)):
-        if e.shape != a.shape or not torch.allclose(e.float(), a.float(), rtol=rtol, atol=atol):
-            raise CaptureError(f"captured graph output {i} differs from the model's "
-                               f"(shape {tuple(a.shape)} vs {tuple(e.shape)}); the model may depend on "
-                               "state that tracing froze. Please report it with the model.")
+    comparison = compare_to_reference(actual, expected, rtol=rtol, atol=atol)
+    if not comparison.close:
+        what = comparison.mismatch or \
+            f"outputs differ by up to {comparison.max_abs:.3g} (output scale {comparison.scale:.3g})"
+        raise CaptureError(f"the captured graph of {model_name} does not reproduce the model's outputs: {what}; "
+                           "the model may depend on state that tracing froze. Please report it with the model.")

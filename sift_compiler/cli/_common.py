@@ -17,6 +17,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 from ..config import validate_sparsity
 from ..errors import SiftError, SiftWarning, UserInputError
+from ..exporters.checks import deepsparse_absence, runtimes_that_checked
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
@@ -91,7 +92,6 @@ def all_or_nothing() -> Iterator[List[str]]:
 
 def deepsparse_absent_line(verification) -> str:
     """One line when DeepSparse could not check a file here (why, and which runtimes did), else ''."""
-    from ..exporters.checks import deepsparse_absence, runtimes_that_checked
     reason = deepsparse_absence(verification)
     if not reason:
         return ""

@@ -26,13 +26,22 @@ import sys
 import tempfile
 from typing import List, Optional, Sequence
 
+from ..api import load
+from ..capture.sources import parse_dtype, parse_input_shape
+from ..errors import UserInputError
+from ..exporters.bench import describe_file, results_json, results_table, run_benchmarks
+from ..exporters.forms import DEFAULT_FORM, FORMS
+from ..exporters.inputs import input_specs, parse_shapes
+from ..exporters.plot import plot_latency
+from ..exporters.runtimes import ENGINES, TORCH_ENGINES, engine_status
+from ..exporters.weights import load_onnx
+from ..io import check_writable, write_text
 from ..pipelines import transform_names
+from ..variants import export_variants
 from ._common import run_main, sparsity_list_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..exporters.forms import DEFAULT_FORM, FORMS
-    from ..exporters.runtimes import ENGINES
     p = argparse.ArgumentParser(
         prog="sift-bench",
         description="Benchmark models on DeepSparse, onnxruntime, OpenVINO and torch side by side: latency (median, p90) "
@@ -72,8 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _engines(text: str) -> List[str]:
     """The runtimes asked for that can run here; one line for each left out (an error when none is left)."""
-    from ..errors import UserInputError
-    from ..exporters.runtimes import ENGINES, engine_status
     engines = list(dict.fromkeys(e.strip() for e in text.split(",") if e.strip()))
     unknown = [e for e in engines if e not in ENGINES]
     if unknown or not engines:
@@ -94,7 +101,6 @@ def _engines(text: str) -> List[str]:
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from ..errors import UserInputError
     for name in ("batch_size", "iterations", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -110,15 +116,10 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error(f"--sparsity is required to compile {specs[0]} (e.g. --sparsity 0.5,0.75,0.9)")
     for path in (args.json, args.plot):
         if path:
-            from ..io import check_writable
             check_writable(path)
 
 
 def _collect_models(args, out_dir: str):
-    from ..capture.sources import parse_dtype, parse_input_shape
-    from ..exporters.bench import describe_file
-    from ..exporters.runtimes import TORCH_ENGINES
-    from ..variants import export_variants
     models = []
     for item in args.models:
         if item.lower().endswith(".onnx"):
@@ -136,10 +137,6 @@ def _collect_models(args, out_dir: str):
 
 
 def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..exporters.bench import results_json, results_table, run_benchmarks
-    from ..exporters.inputs import input_specs, parse_shapes
-    from ..exporters.weights import load_onnx
-    from ..io import write_text
     _validate(args, parser)
     engines = args.engine_list = _engines(args.engines)
     with contextlib.ExitStack() as stack:
@@ -168,7 +165,6 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         write_text(args.json, json.dumps(results_json(results, settings), indent=2) + "\n")
         print(f"sift-bench: wrote {args.json}", file=sys.stderr)
     if args.plot:
-        from ..exporters.plot import plot_latency
         plot_latency(results, args.plot, f"batch {args.batch_size}, {args.num_cores or os.cpu_count()} cores")
         print(f"sift-bench: wrote {args.plot}", file=sys.stderr)
     failed = [r for r in results if r.failed]
@@ -180,7 +176,6 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _load_torch(path: str, args: argparse.Namespace, models):
     """The compiled module of a ``.sift.pt`` (`sift_compiler.load`); code a file names is imported only with
     --trust-source, or for the spec models this run compiled (``compiled_here``)."""
-    from ..api import load
     ours = any(m.torch_path == path and m.compiled_here for m in models)
     return load(path, trust_source=args.trust_source or ours).module
 

@@ -13,16 +13,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional, Sequence
 
+import numpy as np
+import torch
+
+from ..api import compile as sift_compile
+from ..api import load
+from ..capture.sources import load_model
+from ..compare import tensor_leaves
 from ..config import CompileConfig
+from ..errors import UserInputError
+from ..exporters.checks import DEFAULT_RTOL, verify_onnx
+from ..exporters.forms import DEFAULT_FORM, FORMS, apply_form
+from ..exporters.inputs import input_specs, parse_shapes, random_feeds
+from ..exporters.weights import META_EXPORT, get_metadata, layer_patterns, load_onnx, match_layers
+from ..io import check_writable, write_text
+from ..module_tools import eval_mode
 from ..pipelines import transform_names, transforms_help
-from ._common import run_main, sparsity_arg
+from ..serialize import read
+from ._common import deepsparse_absent_line, run_main, sparsity_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..exporters.checks import DEFAULT_RTOL
     p = argparse.ArgumentParser(
         prog="sift-check",
         description="Verify exported ONNX files: validity, per-layer sparsity, onnxruntime against torch, and "
@@ -70,25 +85,17 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if args.require_deepsparse and args.no_deepsparse:
         parser.error("--require-deepsparse and --no-deepsparse contradict each other")
     if args.json:
-        from ..io import check_writable
         check_writable(args.json, "JSON report")
 
 
 def _load_against(args: argparse.Namespace):
     """The reference `CompileResult`: a compiled model file, or a spec compiled here."""
-    import os
-    import torch
-    from ..errors import UserInputError
-    from ..api import load
-    from ..serialize import read
     if os.path.isfile(args.against):  # a compiled model file (sift-compile -o): it knows its own transform
         if args.transform or args.sparsity is not None or args.weights:
             raise UserInputError(f"--against {args.against} is a file: a compiled model already says its weights, "
                                  "transform and sparsity; drop --transform/--sparsity/--weights")
         read(args.against)  # a clear error for anything that is not a sift-compiler/1 file
         return load(args.against, trust_source=args.trust_source)
-    from ..api import compile as sift_compile
-    from ..capture.sources import load_model
     transform = args.transform or "none"
     if transform != "none" and args.sparsity is None:
         raise UserInputError(f"--against {args.against} with --transform {transform} needs --sparsity")
@@ -100,22 +107,16 @@ def _load_against(args: argparse.Namespace):
 
 def _torch_reference(result, feeds):
     """Run the reference module on the feeds: inputs by name when the module takes keywords."""
-    import numpy as np
-    import torch
-    import torch.utils._pytree as pytree
-    from ..capture.modules import eval_mode
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
     kwargs = {k: v for k, v in tensors.items() if k in result.unit.kwargs}
     args = [v for k, v in tensors.items() if k not in kwargs]
     with torch.no_grad(), eval_mode(result.module):
         out = result.module(*args, **kwargs)
-    return [t.detach().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return [t.detach().numpy() for t in tensor_leaves(out)]
 
 
 def _layers_against(result, model):
     """Match the reference's sparse layers in the file, in the form the file says it used."""
-    from ..exporters.forms import DEFAULT_FORM, FORMS, apply_form
-    from ..exporters.weights import META_EXPORT, get_metadata, layer_patterns, match_layers
     recorded = (get_metadata(model, META_EXPORT) or {}).get("form")
     candidates = [recorded] if recorded in FORMS else [DEFAULT_FORM, "branches"]
     best = None
@@ -128,9 +129,6 @@ def _layers_against(result, model):
 
 
 def _check_file(path: str, args: argparse.Namespace, reference_model):
-    from ..exporters.checks import verify_onnx
-    from ..exporters.inputs import input_specs, parse_shapes, random_feeds
-    from ..exporters.weights import load_onnx
     model = load_onnx(path)
     specs = input_specs(model)
     feeds = random_feeds(specs, args.batch_size, parse_shapes(args.input_shape, specs), seed=args.seed)
@@ -146,8 +144,6 @@ def _check_file(path: str, args: argparse.Namespace, reference_model):
 
 
 def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..exporters.weights import load_onnx
-    from ..io import write_text
     _validate(args, parser)
     for path in args.files:  # every input is readable before anything slow runs
         load_onnx(path, load_external_data=False)
@@ -157,7 +153,6 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         report = _check_file(path, args, reference)
         reports.append(report)
         print(report.table())
-    from ._common import deepsparse_absent_line
     line = next((deepsparse_absent_line(r) for r in reports if deepsparse_absent_line(r)), "")
     if line:  # once, not per file: it is about this machine
         print(f"sift-check: {line}", file=sys.stderr)

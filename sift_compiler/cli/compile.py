@@ -10,11 +10,19 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import torch
+
+from ..api import compile as sift_compile
+from ..api import compile_for_latency
+from ..capture.sources import load_model, parse_dtype, parse_input_shape
 from ..config import ACTIVATIONS, OUTPUTS, CompileConfig
 from ..errors import UserInputError
 from ..exporters.checkpoints import FORMATS as CHECKPOINT_FORMATS
+from ..exporters.remedies import export_with_compile_remedies
+from ..io import check_writable, write_text
+from ..latency import LatencyBudget, check_runtime
 from ..pipelines import transform_names, transforms_help
-from ._common import all_or_nothing, run_main, sparsity_arg
+from ._common import all_or_nothing, deepsparse_absent_line, run_main, sparsity_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,12 +119,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> floa
 
 
 def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..api import compile as sift_compile
-    from ..capture.sources import load_model, parse_dtype, parse_input_shape
-    from ..io import check_writable, write_text
     sparsity = _validate(args, parser)
     if args.budget == "latency" and args.capacity is None:
-        from ..latency import check_runtime
         check_runtime(args.runtime)  # exit 2, before anything slow, on a machine without it
     for path, what in ((args.output, "model file"), (args.onnx, "ONNX file"), (args.report, "report")):
         if path:
@@ -124,7 +128,6 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     shape = parse_input_shape(args.input_shape) if args.input_shape else None
     dtype = parse_dtype(args.input_dtype) if args.input_dtype else None
     print(f"sift-compile: loading {args.model}", file=sys.stderr, flush=True)
-    import torch
     torch.manual_seed(args.seed)  # random-weight models are reproducible (sift-check --against SPEC)
     if args.save_pretrained and os.path.isfile(args.save_pretrained):
         raise UserInputError(f"--save-pretrained {args.save_pretrained!r} is a file: give a folder")
@@ -178,8 +181,6 @@ def _body(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _write_onnx(result, source, args, written, compile_with):
     """Export (the outcome policy: exporters/outcome.py; onnxruntime is checked against torch there);
     returns the model written and the outcome."""
-    from ..exporters.remedies import export_with_compile_remedies
-    from ._common import deepsparse_absent_line
     mode = "skip" if args.no_deepsparse_check else args.deepsparse
     result, info, recompiled = export_with_compile_remedies(result, compile_with, source.args, args.onnx,
                                                             source.kwargs, opset=args.opset, deepsparse=mode)
@@ -203,8 +204,6 @@ def _write_onnx(result, source, args, written, compile_with):
 
 def _search_latency(args, source, config, options):
     """--budget latency: measure, print the search, return the chosen model."""
-    from ..api import compile_for_latency
-    from ..latency import LatencyBudget
     print(f"sift-compile: searching the capacity whose latency on {args.runtime} (batch {args.batch_size}) is at "
           f"most {args.latency_ratio:g}x the dense model's", file=sys.stderr, flush=True)
     budget = LatencyBudget(batch_size=args.batch_size, ratio=args.latency_ratio, rounds=args.rounds)

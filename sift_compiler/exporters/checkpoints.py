@@ -39,9 +39,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils._pytree as pytree
 
+from ..compare import tensor_leaves
 from ..errors import SiftWarning, UserInputError, first_line
+from ..module_tools import eval_mode
 from ..native import relative_error
 from .dynamic_shapes import other_shape_inputs
 from .compact import _masked_pairs, compress_state, pack_bits, state_nbytes
@@ -194,14 +195,8 @@ def _compare(result, cls: type, config: Any, state: Dict[str, torch.Tensor]) -> 
 
 def _outputs(module: nn.Module, args, kwargs):
     """The output tensors in eval mode, with the module's own forward (``W * M`` for masked layers)."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            return [t for t in pytree.tree_leaves(module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with torch.no_grad(), eval_mode(module):
+        return tensor_leaves(module(*args, **kwargs))
 
 
 def _plan(result, checkpoint: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:

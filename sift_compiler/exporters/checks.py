@@ -37,6 +37,7 @@ import math
 
 import numpy as np
 
+from ..compare import compare_to_reference
 from ..errors import ExportError, SiftError, first_line
 from .runtimes import deepsparse_status, engine_status, open_engine
 from .weights import LayerSparsity, load_onnx, layers_from_metadata, not_for_deepsparse, weight_arrays
@@ -115,22 +116,12 @@ class Verification:
 
 
 def compare_outputs(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> OutputError:
-    """The error of ``actual`` against ``expected``; shapes must agree (else `ExportError`)."""
-    if len(actual) != len(expected):
-        raise ExportError(f"{len(actual)} outputs where {len(expected)} were expected")
-    max_abs, scale = 0.0, 0.0
-    for a, e in zip(actual, expected):
-        a, e = np.asarray(a, dtype=np.float64), np.asarray(e, dtype=np.float64)
-        if a.shape != e.shape:
-            raise ExportError(f"output shape {a.shape} where {e.shape} was expected")
-        if a.size == 0:
-            continue
-        finite = np.isfinite(e)
-        if not np.array_equal(np.isfinite(a), finite):  # NaN or inf where the reference has none
-            return OutputError(float("inf"), max(scale, float(np.max(np.abs(e[finite]), initial=0.0))))
-        max_abs = max(max_abs, float(np.max(np.abs(a[finite] - e[finite]), initial=0.0)))
-        scale = max(scale, float(np.max(np.abs(e[finite]), initial=0.0)))
-    return OutputError(max_abs, scale)
+    """The error of ``actual`` against ``expected`` (`compare.compare_to_reference`); the outputs must
+    agree in count and shapes (else `ExportError`)."""
+    comparison = compare_to_reference(list(actual), list(expected))
+    if comparison.structural:
+        raise ExportError(comparison.mismatch)
+    return OutputError(comparison.max_abs, comparison.scale)
 
 
 def _checker(path: str) -> Check:

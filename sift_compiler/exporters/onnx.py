@@ -41,13 +41,13 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.utils._pytree as pytree
 
-from ..capture.modules import eval_mode
 from ..capture.tracer import graph_of
+from ..compare import tensor_leaves
 from ..config import config_of
 from ..errors import ExportError, UserInputError, VerificationFailed, first_line
 from ..io import check_writable
+from ..module_tools import eval_mode
 from ..sparsity.layers import bake_masks  # noqa: F401 (re-exported: it lived here)
 from ..unit import bind_placeholders
 from .checks import Verification, verify_onnx
@@ -129,13 +129,6 @@ def _dynamic_axes(names, inputs, output_names, outputs) -> Dict[str, Dict[int, s
         if y.dim() >= 2 and y.shape[1] in lengths:
             axes[n][1] = "sequence"
     return axes
-
-
-_eval_mode = eval_mode
-
-
-def _tensors(tree) -> List[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
 def _torch_export(baked: nn.Module, inputs, raw: str, names, output_names, axes, opset: int, fold: bool) -> None:
@@ -228,17 +221,17 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, settings: ExportSetti
     names = list(input_names) if input_names else names
     reference = None
     with torch.no_grad():
-        outputs = _tensors(baked(*inputs))
+        outputs = tensor_leaves(baked(*inputs))
         if verify:  # the trained module itself, not the export form: checks prove the form changes nothing
-            with _eval_mode(module):
-                reference = [t.detach().cpu().numpy() for t in _tensors(module(*args, **kwargs))]
+            with eval_mode(module):
+                reference = [t.detach().cpu().numpy() for t in tensor_leaves(module(*args, **kwargs))]
     output_names = ["output"] + [f"output_{i}" for i in range(1, len(outputs))]
     other_shape = None
     if verify and dynamic_batch:  # a file that declares dynamic axes must also run at another shape
         other_args, other_kwargs = other_shape_inputs((args, kwargs))
         try:
-            with torch.no_grad(), _eval_mode(module):
-                other_reference = [t.detach().cpu().numpy() for t in _tensors(module(*other_args, **other_kwargs))]
+            with torch.no_grad(), eval_mode(module):
+                other_reference = [t.detach().cpu().numpy() for t in tensor_leaves(module(*other_args, **other_kwargs))]
         except Exception as e:  # the model itself fixes a size (a hard-coded view, say)
             dynamic_batch = False
             notes.append(f"static input shapes {_shapes((args, kwargs))}: the model does not run at "
@@ -253,7 +246,7 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, settings: ExportSetti
 
 
 def _shapes(tree) -> str:
-    return ", ".join(str(tuple(x.shape)) for x in _tensors(tree))
+    return ", ".join(str(tuple(x.shape)) for x in tensor_leaves(tree))
 
 
 def _write_staged(prep: _Prepared, stage: str, target_name: str, settings: ExportSettings, metadata: Dict[str, Any]):

@@ -151,11 +151,12 @@ def _first_failure(verification: Verification) -> str:
 # Remedies that need the model
 
 
-def compile_remedies(transform: str, round_to: int) -> List[Remedy]:
-    """Recompilations that may give DeepSparse a file it runs, tried after the export remedies fail."""
+def compile_remedies(transform: str, channel_multiple: int) -> List[Remedy]:
+    """Recompilations that may give DeepSparse a file it runs, tried after the export remedies fail
+    (``channel_multiple``: what the model's widened channels were rounded to, `CompileConfig.channel_multiple`)."""
     remedies = []
     from ..registry import get_transform
-    if get_transform(transform).widens and round_to % 8:
+    if get_transform(transform).widens and channel_multiple % 8:
         remedies.append(Remedy("round-to-8", {"round_to": 8},
                                "Sparse Wide recompiled with channels rounded to multiples of 8 (--round-to 8)"))
     return remedies

@@ -38,7 +38,7 @@ def export_with_compile_remedies(result, compile_with: Callable[..., Any], examp
     if info is not None and info.outcome != "not-for-deepsparse":
         return result, info, ""
     config = result.config
-    for remedy in compile_remedies(config.transform, config.round_to):
+    for remedy in compile_remedies(config.transform, config.channel_multiple):
         candidate = compile_with(**remedy.changes)
         stage = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
         try:

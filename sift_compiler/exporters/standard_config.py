@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserInputError
+from ..module_tools import submodule_or_none
 
 SIZE_HINTS = ("inner", "intermediate", "ffn", "dim", "size")  # unset fields that may hold a width
 MAX_ASSIGNMENTS = 512  # assignments of candidate fields tried (each builds a model on the meta device)
@@ -66,11 +67,7 @@ def transposed_weights(plain: nn.Module, compiled: nn.Module) -> Set[str]:
     found = set()
     for path, module in plain.named_modules():
         if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor):
-            try:
-                ours = compiled.get_submodule(path)
-            except AttributeError:
-                continue
-            if isinstance(ours, nn.Linear):
+            if isinstance(submodule_or_none(compiled, path), nn.Linear):
                 found.add(f"{path}.weight" if path else "weight")
     return found
 

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import UserInputError
-from ..io import atomic_path
+from ..io import atomic_path, load_weights_only
 from ..sparsity.engine import MaskEngine
 from ..sparsity.engines import ENGINE_METHODS, make_engine
 
@@ -76,7 +76,9 @@ class SparsityCallback(TrainerCallback):
         checkpoint saved elsewhere) the step alone; the masks are in the weights Trainer loaded."""
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
         if os.path.isfile(path):
-            self.engine.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            self.engine.load_state_dict(load_weights_only(
+                path, "sparse training state {path!r} does not exist",
+                "cannot read the sparse training state {path!r}: {reason}; delete it to resume with the masks alone"))
             return
         saved = self.engine.state_dict()
         saved["step"] = state.global_step

@@ -10,8 +10,6 @@ scale linearly with density; the reference binary-searches with random masks ins
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 from ..analyses.flops import FlopAnalysis
 from ..config import CompileConfig
 from ..errors import PassError, at_node
@@ -38,8 +36,8 @@ class IsoFlopCompensationPass(Pass):
 
     name = "iso-flop-compensation"
 
-    def __init__(self, options: Optional[CompensationOptions] = None) -> None:
-        self.options = options  # None: made from unit.config when the pass runs
+    def __init__(self, options: CompensationOptions) -> None:
+        self.options = options  # the requested s is the options' own: no default
 
     def requires(self, unit) -> None:
         if unit.baseline is None:
@@ -50,7 +48,7 @@ class IsoFlopCompensationPass(Pass):
         gm = unit.module
         masked_nodes = [n for n in gm.graph.nodes if n.op == "call_module"
                         and isinstance(gm.get_submodule(str(n.target)), MaskedLayer)]
-        options = self.options or CompensationOptions.of(unit.config)
+        options = self.options
         if not masked_nodes:
             # nothing to pay with: fine unless the rewrite made the dense layers dearer (Sparse Wide
             # widening a first or last layer's inner side with no sparse layer between them)

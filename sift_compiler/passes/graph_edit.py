@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture.experts import ROUTED
-from ..capture.modules import submodule_or_none
+from ..module_tools import submodule_or_none
 from ..capture.tracer import SiftTracer
 
 

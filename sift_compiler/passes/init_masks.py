@@ -33,11 +33,11 @@ class InitMasksPass(Pass):
 
     name = "init-masks"
 
-    def __init__(self, options: Optional[InitOptions] = None) -> None:
-        self.options = options  # None: made from unit.config when the pass runs
+    def __init__(self, options: InitOptions = InitOptions()) -> None:
+        self.options = options
 
     def call(self, unit) -> PassResult:
-        options = self.options or InitOptions.of(unit.config)
+        options = self.options
         if unit.on_meta and options.nm is not None:  # materialize() draws unstructured masks: refuse, not mislead
             raise UserInputError(f"pattern {options.nm[0]}:{options.nm[1]} is not supported on the meta device "
                                  "(sift.materialize draws unstructured masks): compile on a real device")

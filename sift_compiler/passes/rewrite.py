@@ -47,7 +47,7 @@ class RewriteOptions:
 
     @staticmethod
     def of(config: CompileConfig) -> "RewriteOptions":
-        return RewriteOptions(config.sparsity, config.capacity, config.round_to, activation=config.activation,
+        return RewriteOptions(config.sparsity, config.capacity, config.channel_multiple, activation=config.activation,
                               linear_norm=config.linear_norm, seed=config.seed,
                               kernel_head_dims=config.kernel_head_dims)
 
@@ -143,13 +143,12 @@ class LayerRewritePass(Pass):
         self.capacity = capacity
         # leave the new sparse weights to InitMasksPass, which draws and masks them in one go
         self.defer_init = defer_init
-        # sigma's activation and LayerNorm; None: made from unit.config when the pass runs
-        self.options = options
+        # sigma's activation and LayerNorm; None: RewriteOptions' defaults (the model's own activation, no norm)
+        self.options = RewriteOptions(sparsity, capacity, defer_init=defer_init) if options is None else options
 
     def sigma_for(self, unit, layer: nn.Module, width: int) -> Tuple[Optional[nn.Module], nn.Module]:
         """(norm, activation) after a sparse factor of ``width`` outputs, as the options ask (`sigma`)."""
-        options = self.options or RewriteOptions.of(unit.config)
-        return sigma(layer, width, model_activation(unit, options.activation), options.linear_norm)
+        return sigma(layer, width, model_activation(unit, self.options.activation), self.options.linear_norm)
 
     def build(self, unit, layer: WeightLayer, module: nn.Module) -> Tuple[nn.Module, str]:
         """Return (replacement module computing the transformed layer, a short detail string)."""

@@ -17,7 +17,7 @@ from typing import Tuple
 import torch.nn as nn
 
 from ..initialization import mark_copy
-from ..sparsity.layers import masked_copy, new_layer
+from ..sparsity.layers import masked_copy
 from .rewrite import LayerRewritePass, LayerStandIn, fan, low_rank_pair, round_to_multiple
 
 

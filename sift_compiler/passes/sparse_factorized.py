@@ -16,7 +16,6 @@ from typing import Optional, Tuple
 
 import torch.nn as nn
 
-from ..sparsity.layers import new_layer
 from .rewrite import LayerRewritePass, LayerStandIn, fan, low_rank_pair, round_to_multiple
 
 

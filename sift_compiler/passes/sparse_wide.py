@@ -129,7 +129,9 @@ class SparseWidePass(Pass):
         self.round_to = round_to
         self.factor = widening_factor(sparsity) if factor is None else factor  # k, or the capacity asked for
         self.defer_init = defer_init  # see LayerRewritePass
-        self.options = options  # the seed of redrawn parameters; None: made from unit.config when the pass runs
+        # the seed of redrawn parameters; None: RewriteOptions' defaults (seed 0)
+        self.options = RewriteOptions(sparsity, factor, round_to, defer_init, kernel_head_dims=kernel_head_dims) \
+            if options is None else options
 
     def call(self, unit) -> PassResult:
         coupling = unit.analyses.get(ChannelCouplingAnalysis)
@@ -248,7 +250,7 @@ class SparseWidePass(Pass):
     # -- parameters, literals ------------------------------------------------------------
     def _rebuild_params(self, unit, coupling: CouplingResult, size_of, rebuilt: Dict[str, nn.Module]) -> None:
         gm = unit.module
-        seed = (self.options or RewriteOptions.of(unit.config)).seed
+        seed = self.options.seed
         done: Dict[int, torch.Tensor] = {}
         for target, exprs in coupling.params.items():
             owner_path, _, attr = target.rpartition(".")

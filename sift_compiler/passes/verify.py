@@ -60,8 +60,8 @@ class VerifyPass(Pass):
 
     name = "verify"
 
-    def __init__(self, options: Optional[VerifyOptions] = None) -> None:
-        self.options = options  # None: made from unit.config when the pass runs
+    def __init__(self, options: VerifyOptions = VerifyOptions()) -> None:
+        self.options = options
 
     def call(self, unit) -> PassResult:
         unit.module.graph.lint()
@@ -75,9 +75,8 @@ class VerifyPass(Pass):
             except PassError as e:  # the pass manager names the layer's call and its source line
                 raise at_node(e, calls[name]) if name in calls else e
         counts = unit.analyses.get(FlopAnalysis)
-        options = self.options or VerifyOptions.of(unit.config)
-        if unit.baseline is not None and options.iso_flop and unit.baseline.weight_dense > 0:
-            self._check_iso_flop(unit, counts, options)
+        if unit.baseline is not None and self.options.iso_flop and unit.baseline.weight_dense > 0:
+            self._check_iso_flop(unit, counts, self.options)
         return PassResult(False, frozenset({ShapeAnalysis, FlopAnalysis, LayerAnalysis}))
 
     @staticmethod

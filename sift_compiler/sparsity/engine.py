@@ -183,7 +183,7 @@ class MaskEngine(EngineCheckpoint):
         if any(w.shard is not None for w in found):
             forget_float_masks()  # a forward before the engine may have cached FSDP's unsharded masks
         if self.pattern == "unstructured":
-            for w, actual in zip(found, self._global_counts(found)):
+            for w, actual in zip(found, self.global_counts(found)):
                 if actual != w.count:
                     raise UserInputError(
                         f"{w.name!r} has {actual} active weights but its target density {w.layer.target_density:.4f} "
@@ -192,7 +192,7 @@ class MaskEngine(EngineCheckpoint):
         return found
 
     @staticmethod
-    def _global_counts(weights: List[SparseWeight]) -> List[int]:
+    def global_counts(weights: List[SparseWeight]) -> List[int]:
         """Active weights per layer over all shards (one all-reduce when sharded; every rank must call)."""
         return [c[0] for c in global_sums([(w.shard, [int(w.local_mask.sum())]) for w in weights])]
 
@@ -418,7 +418,7 @@ class MaskEngine(EngineCheckpoint):
     def sparsity(self) -> float:
         """Fraction of zeros over all sparse weights, counted in the masks (sharded: on every rank, a collective)."""
         total = sum(w.param.numel() for w in self.weights)
-        return 1.0 - sum(self._global_counts(self.weights)) / total
+        return 1.0 - sum(self.global_counts(self.weights)) / total
 
     def __repr__(self) -> str:
         pattern = f"{self.n}:{self.m}-T" if self.pattern == "nm" else self.pattern

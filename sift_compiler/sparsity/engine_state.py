@@ -63,7 +63,7 @@ class EngineCheckpoint:
                 saved = local(saved) if is_dtensor(saved) else local_rows(saved, w.shard)
                 w.install(saved.to(device=w.local_param.device, dtype=torch.bool))
         wrong = [f"{w.name} ({actual}, not {w.count})"
-                 for w, actual in zip(self.weights, self._global_counts(self.weights)) if actual != w.count]
+                 for w, actual in zip(self.weights, self.global_counts(self.weights)) if actual != w.count]
         if wrong:
             raise UserInputError("after loading, these masks do not have the engine's exact counts: " + ", ".join(wrong))
         self.step_count = int(state["step"])
