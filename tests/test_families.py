@@ -143,6 +143,25 @@ def test_diffusion_output_object_compiles_and_exports_from_keyword_inputs(tmp_pa
     assert_allclose_outputs(session.run(None, {n: kwargs[n].numpy() for n in info.input_names}), expected)
 
 
+def test_headless_convnextv2_wide_at_09_is_refused_in_one_line_saying_what_to_do():
+    """ConvNeXt-V2 without a classifier (AutoModel) ends in its last block's pwconv2, which stays dense
+    as the last layer; Sparse Wide at 0.9 widens its input 3.16x and, with the widened stem and
+    depthwise convs, the dense layers alone cost 1.3x the dense model: genuinely not iso-FLOP. The
+    refusal is one line naming that layer, why it is dense, its source line and what to do; at 0.5
+    the same model compiles iso-FLOP."""
+    from sift_compiler.errors import PassError
+    case = FAMILIES["convnextv2"].build()
+    with pytest.raises(PassError) as info:
+        sift.compile(case.model, "wide", 0.9, case.args, case.kwargs)
+    message = str(info.value)
+    assert "\n" not in message and "no sparsity can make this model iso-FLOP" in message
+    assert "lower the sparsity or use a transform that does not widen" in message
+    assert "last weight layer in the data flow (head)" in message
+    assert "'encoder.stages.1.layers.0.pwconv2'" in message and "modeling_convnextv2.py:" in message
+    result = sift.compile(case.model, "wide", 0.5, case.args, case.kwargs, strict=True)
+    assert abs(result.report.flop_ratio - 1) <= 0.005
+
+
 def test_support_matrix_script(tmp_path):
     """The support matrix's script on three families (a 2018 one, a 2026 attention, an
     encoder-decoder) with Sparse Wide: each row runs in its own child, the markdown and JSON have
