@@ -25,7 +25,9 @@ from .capture.experts import EXPERTS_KEPT_FUSED
 from .errors import ShortfallError, SiftWarning
 
 DENSITY_RANGE = (0.5, 1.5)
-UNREWRITTEN_SHARE = 0.01  # weight FLOPs left in ops no transform rewrites, as a share of all
+UNREWRITTEN_SHARE = 0.01
+# Sparse Wide's note when the model's outputs keep a sparse layer's side at width: why it is denser
+OUTPUT_FIXES_WIDTH = "the model's outputs fix the hidden width of sparse layers"  # weight FLOPs left in ops no transform rewrites, as a share of all
 
 
 def shortfalls(unit) -> List[str]:
@@ -47,8 +49,11 @@ def shortfalls(unit) -> List[str]:
         ratio = (1 - unit.effective_sparsity) / (1 - config.sparsity)
         if not DENSITY_RANGE[0] <= ratio <= DENSITY_RANGE[1]:
             side = "denser" if ratio > 1 else "sparser"
+            why = next((note for note in unit.notes if note.startswith(OUTPUT_FIXES_WIDTH)), None) \
+                if ratio > 1 else None
             found.append(f"the sparse layers are at s' = {unit.effective_sparsity:.4f}, {side} than the requested "
-                         f"s = {config.sparsity:g} by a factor {max(ratio, 1 / ratio):.2f} in density")
+                         f"s = {config.sparsity:g} by a factor {max(ratio, 1 / ratio):.2f} in density"
+                         + (f": {why}" if why else ""))
     return found
 
 

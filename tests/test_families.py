@@ -162,6 +162,24 @@ def test_headless_convnextv2_wide_at_09_is_refused_in_one_line_saying_what_to_do
     assert abs(result.report.flop_ratio - 1) <= 0.005
 
 
+def test_a_vision_encoder_read_at_its_hidden_width_warns_why_wide_is_denser():
+    """SigLIP's vision tower without a head returns last_hidden_state, so its hidden width (d_model)
+    is the model's interface: Sparse Wide widens only inner sides (MLP hidden), the compensation pays
+    with a denser s', and the SiftWarning says so, naming the first such layer (the classifier
+    variant of tests/families_ssm_vision.py widens d_model and compiles as asked)."""
+    import warnings
+    from sift_compiler.errors import SiftWarning
+    case = FAMILIES["siglip"].build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SiftWarning)
+        result = sift.compile(case.model, "wide", 0.5, case.args, case.kwargs)
+    said = [str(w.message) for w in caught if issubclass(w.category, SiftWarning)]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert "denser than the requested s = 0.5" in said[0]
+    assert "the model's outputs fix the hidden width of sparse layers (first 'encoder.layers.0." in said[0]
+    assert abs(result.report.flop_ratio - 1) <= 0.005
+
+
 def test_support_matrix_script(tmp_path):
     """The support matrix's script on three families (a 2018 one, a 2026 attention, an
     encoder-decoder) with Sparse Wide: each row runs in its own child, the markdown and JSON have
