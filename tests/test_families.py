@@ -180,6 +180,22 @@ def test_a_vision_encoder_read_at_its_hidden_width_warns_why_wide_is_denser():
     assert abs(result.report.flop_ratio - 1) <= 0.005
 
 
+def test_latent_attention_exports_to_onnx_equal_to_torch(tmp_path):
+    """DeepSeek-V3's MLA fills its key tensor with in-place writes into slices (new_empty, then
+    copy_ of the no-RoPE and the RoPE part), which the TorchScript exporter drops: the exporter
+    rewrites them out of place (exporters.inplace_writes) and onnxruntime agrees with torch."""
+    import onnxruntime as ort
+    case = FAMILIES["deepseek_v3"].build()
+    module = sift.compile(case.model, "wide", 0.5, case.args, case.kwargs, strict=True).module.eval()
+    with torch.no_grad():
+        expected = [t.numpy() for t in tensors(module(**case.kwargs))]
+    info = sift.export_onnx(module, (), str(tmp_path / "mla.onnx"), case.kwargs, verify=False)
+    assert any("4 in-place slice writes rewritten out of place" in note for note in info.notes), info.notes
+    session = ort.InferenceSession(str(tmp_path / "mla.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": case.kwargs["input_ids"].numpy()})
+    assert max(float(abs(a - e).max()) for a, e in zip(got, expected)) <= 1e-5
+
+
 def test_support_matrix_script(tmp_path):
     """The support matrix's script on three families (a 2018 one, a 2026 attention, an
     encoder-decoder) with Sparse Wide: each row runs in its own child, the markdown and JSON have

@@ -55,6 +55,7 @@ from .doped_form import concat_doped_linears, count_doped_linears
 from .dynamic_shapes import UnsupportedSizeUse, has_symbolic_sizes, make_sizes_traceable, other_shape_inputs
 from .forms import DEFAULT_FORM, FORMS, SAFE_FORM, apply_form
 from .outcome import Attempt, deepsparse_checked, deepsparse_failure, mark_not_for_deepsparse, next_remedy
+from .inplace_writes import rewrite_slice_writes
 from .inputs import inputs_metadata
 from .runtimes import deepsparse_status
 from .settings import SUPPORTED_OPSETS, ExportSettings  # noqa: F401  (SUPPORTED_OPSETS: re-exported)
@@ -234,6 +235,11 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, settings: ExportSetti
     baked = bake_masks(formed, inplace=formed is not module).eval()  # the forms copied; graph_of made a new graph
     del graph
     del formed
+    if isinstance(baked, fx.GraphModule):  # the TorchScript exporter drops writes into views
+        writes = rewrite_slice_writes(baked)
+        if writes.rewritten:
+            notes.append(f"{writes.rewritten} in-place slice writes rewritten out of place for the exporter")
+        notes += [f"in-place write left as written (the exporter may drop it): {why}" for why in writes.left]
     if dynamic_batch and has_symbolic_sizes(baked):
         try:
             make_sizes_traceable(baked)
