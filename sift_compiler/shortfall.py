@@ -19,7 +19,7 @@ report's notes; ``strict=True`` (``--strict``) raises `ShortfallError` instead.
 from __future__ import annotations
 
 import warnings
-from typing import List
+from typing import List, Optional
 
 from .capture.experts import EXPERTS_KEPT_FUSED
 from .errors import ShortfallError, SiftWarning
@@ -50,11 +50,31 @@ def shortfalls(unit) -> List[str]:
         if not DENSITY_RANGE[0] <= ratio <= DENSITY_RANGE[1]:
             side = "denser" if ratio > 1 else "sparser"
             why = next((note for note in unit.notes if note.startswith(OUTPUT_FIXES_WIDTH)), None) \
-                if ratio > 1 else None
+                if ratio > 1 else _dense_share(unit)
             found.append(f"the sparse layers are at s' = {unit.effective_sparsity:.4f}, {side} than the requested "
                          f"s = {config.sparsity:g} by a factor {max(ratio, 1 / ratio):.2f} in density"
                          + (f": {why}" if why else ""))
     return found
+
+
+def _dense_share(unit) -> Optional[str]:
+    """What the layers that stay dense take of the dense model's weight FLOPs, and the costliest
+    of them (a widened LM head in a small model): why the sparse layers are sparser than asked."""
+    if unit.baseline is None or unit.baseline.weight_dense <= 0:
+        return None
+    from .analyses.flops import FlopAnalysis
+    from .sparsity.layers import MaskedLayer
+    gm = unit.module
+    masked = {n.name for n in gm.graph.nodes if n.op == "call_module"
+              and isinstance(gm.get_submodule(str(n.target)), MaskedLayer)}
+    dense = {f.target: f.dense for name, f in unit.analyses.get(FlopAnalysis).nodes.items()
+             if f.category == "weight" and name not in masked}
+    if not dense:
+        return None
+    target = unit.baseline.weight_dense
+    costliest = max(dense, key=dense.__getitem__)
+    return (f"the layers that stay dense take {sum(dense.values()) / target:.0%} of the dense model's weight "
+            f"FLOPs, '{costliest}' alone {dense[costliest] / target:.0%}")
 
 
 def _unrewritten(unit) -> List[str]:

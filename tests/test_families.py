@@ -196,6 +196,23 @@ def test_latent_attention_exports_to_onnx_equal_to_torch(tmp_path):
     assert max(float(abs(a - e).max()) for a, e in zip(got, expected)) <= 1e-5
 
 
+def test_moe_wide_at_09_warns_that_the_widened_lm_head_takes_the_budget():
+    """Qwen3-MoE (tiny: vocabulary 256 on d_model 64, 2 of 4 experts of width 32 active per token):
+    its dense LM head is 25% of the per-token weight FLOPs; Sparse Wide at 0.9 widens its input
+    3.16 times, so it alone takes 79% of the budget and the compensation leaves the sparse layers
+    at s' = 0.96 (2.67 times sparser). Iso-FLOP holds; the one-line warning says what ate the budget."""
+    import warnings
+    from sift_compiler.errors import SiftWarning
+    case = FAMILIES["qwen3_moe"].build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SiftWarning)
+        result = sift.compile(case.model, "wide", 0.9, case.args, case.kwargs)
+    said = [str(w.message) for w in caught if issubclass(w.category, SiftWarning)]
+    assert len(said) == 1 and "sparser than the requested s = 0.9" in said[0], said
+    assert "the layers that stay dense take 82% of the dense model's weight FLOPs, 'lm_head' alone 79%" in said[0]
+    assert abs(result.report.flop_ratio - 1) <= 0.005
+
+
 def test_support_matrix_script(tmp_path):
     """The support matrix's script on three families (a 2018 one, a 2026 attention, an
     encoder-decoder) with Sparse Wide: each row runs in its own child, the markdown and JSON have
