@@ -6,7 +6,8 @@
    activated branches as trained, which idle DeepSparse cores run fastest, linear sums as
    ``stacked-conv``, one wide sparse conv and a fixed 1x1 conv that sums the branches), an equal
    function that DeepSparse runs fast and, unlike summed convs, correctly;
-2. replaces every masked layer with the plain layer holding ``where(mask, W, 0)``;
+2. replaces every masked layer with the plain layer holding ``where(mask, W, 0)``, and rewrites
+   in-place writes into slices out of place (`exporters.inplace_writes`: the exporter drops them);
 3. exports with the TorchScript exporter (``dynamo=False``, opset 13 to 17: what DeepSparse 1.8
    and onnxruntime both load, IR <= 9) with a dynamic batch axis (and sequence axis for token
    ids; torch.export graphs first get traceable sizes, `exporters.dynamic_shapes`) and
