@@ -19,13 +19,15 @@ report's notes; ``strict=True`` (``--strict``) raises `ShortfallError` instead.
 from __future__ import annotations
 
 import warnings
-from typing import List
+from typing import List, Optional
 
 from .capture.experts import EXPERTS_KEPT_FUSED
 from .errors import ShortfallError, SiftWarning
 
 DENSITY_RANGE = (0.5, 1.5)
-UNREWRITTEN_SHARE = 0.01  # weight FLOPs left in ops no transform rewrites, as a share of all
+UNREWRITTEN_SHARE = 0.01
+# Sparse Wide's note when the model's outputs keep a sparse layer's side at width: why it is denser
+OUTPUT_FIXES_WIDTH = "the model's outputs fix the hidden width of sparse layers"  # weight FLOPs left in ops no transform rewrites, as a share of all
 
 
 def shortfalls(unit) -> List[str]:
@@ -47,9 +49,32 @@ def shortfalls(unit) -> List[str]:
         ratio = (1 - unit.effective_sparsity) / (1 - config.sparsity)
         if not DENSITY_RANGE[0] <= ratio <= DENSITY_RANGE[1]:
             side = "denser" if ratio > 1 else "sparser"
+            why = next((note for note in unit.notes if note.startswith(OUTPUT_FIXES_WIDTH)), None) \
+                if ratio > 1 else _dense_share(unit)
             found.append(f"the sparse layers are at s' = {unit.effective_sparsity:.4f}, {side} than the requested "
-                         f"s = {config.sparsity:g} by a factor {max(ratio, 1 / ratio):.2f} in density")
+                         f"s = {config.sparsity:g} by a factor {max(ratio, 1 / ratio):.2f} in density"
+                         + (f": {why}" if why else ""))
     return found
+
+
+def _dense_share(unit) -> Optional[str]:
+    """What the layers that stay dense take of the dense model's weight FLOPs, and the costliest
+    of them (a widened LM head in a small model): why the sparse layers are sparser than asked."""
+    if unit.baseline is None or unit.baseline.weight_dense <= 0:
+        return None
+    from .analyses.flops import FlopAnalysis
+    from .sparsity.layers import MaskedLayer
+    gm = unit.module
+    masked = {n.name for n in gm.graph.nodes if n.op == "call_module"
+              and isinstance(gm.get_submodule(str(n.target)), MaskedLayer)}
+    dense = {f.target: f.dense for name, f in unit.analyses.get(FlopAnalysis).nodes.items()
+             if f.category == "weight" and name not in masked}
+    if not dense:
+        return None
+    target = unit.baseline.weight_dense
+    costliest = max(dense, key=dense.__getitem__)
+    return (f"the layers that stay dense take {sum(dense.values()) / target:.0%} of the dense model's weight "
+            f"FLOPs, '{costliest}' alone {dense[costliest] / target:.0%}")
 
 
 def _unrewritten(unit) -> List[str]:

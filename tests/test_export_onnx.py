@@ -317,3 +317,33 @@ def test_other_shape_inputs_grow_the_batch_and_shrink_token_sequences():
     assert got_image.shape == (3, 3, 4, 4) and torch.equal(got_image[2], image[0])
     assert got_ids.shape == (3, 4) and torch.equal(got_ids[2], ids[0, :4])
     assert kwargs["t"] is scalar
+
+
+class _SliceWrites(nn.Module):
+    """Fills a fresh tensor by in-place slice writes, as DeepSeek-V3's latent attention does;
+    ``leak`` also reads a view of the tensor taken before the last write (that one cannot move)."""
+
+    def __init__(self, leak: bool = False) -> None:
+        super().__init__()
+        self.leak = leak
+
+    def forward(self, x):
+        out = x.new_empty(*x.shape[:-1], 6)
+        head = out[..., :2]
+        out[..., :2].copy_(x[..., :2] * 2)
+        out[..., 2:].copy_(x[..., :1])  # broadcast over the last 4
+        return (out * 1, head * 1) if self.leak else out * 1
+
+
+def test_slice_writes_are_rewritten_out_of_place_with_equal_values():
+    from sift_compiler.exporters.inplace_writes import rewrite_slice_writes
+    x = torch.randn(2, 3, 5)
+    gm = torch.export.export(_SliceWrites(), (x,)).module()
+    writes = rewrite_slice_writes(gm)
+    assert (writes.rewritten, writes.left) == (2, [])
+    assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.copy_.default]
+    assert torch.equal(gm(x), _SliceWrites()(x))
+    leaky = torch.export.export(_SliceWrites(leak=True), (x,)).module()
+    writes = rewrite_slice_writes(leaky)
+    assert writes.rewritten == 0 and len(writes.left) == 2 and "is read after the write" in writes.left[0]
+    assert all(torch.equal(a, e) for a, e in zip(leaky(x), _SliceWrites(leak=True)(x)))

@@ -65,6 +65,98 @@ def test_latent_attention_keeps_its_splits_and_widens_its_ranks():
     assert_rigl_keeps_exact_counts(result.module, case)
 
 
+@pytest.mark.skipif(FAMILIES["dit"].missing is not None, reason="DiT needs diffusers (the diffusion extra)")
+def test_diffusion_output_object_compiles_and_exports_from_keyword_inputs(tmp_path):
+    """A diffusers DiT returns a BaseOutput, which diffusers registers as a pytree without key paths:
+    Sparse Wide at 0.9 compiles it (native, iso-FLOP), and `sift.export_onnx` exports it from its
+    keyword inputs (hidden_states, timestep, class_labels) with the flag return_dict fixed in the
+    file; onnxruntime agrees with torch."""
+    import onnxruntime as ort
+    from checks import assert_allclose_outputs
+    case = FAMILIES["dit"].build()
+    result = sift.compile(case.model, "wide", 0.9, case.args, case.kwargs, strict=True)
+    assert result.output == "native" and type(result.module) is type(case.model), result.report.notes
+    assert abs(result.report.flop_ratio - 1) <= 0.005, result.report.table()
+    kwargs = dict(case.kwargs, return_dict=True)
+    module = result.module.eval()
+    with torch.no_grad():
+        expected = [t.numpy() for t in tensors(module(**kwargs))]
+    info = sift.export_onnx(module, (), str(tmp_path / "dit.onnx"), kwargs, verify=False)
+    assert info.input_names == ["hidden_states", "timestep", "class_labels"]
+    session = ort.InferenceSession(str(tmp_path / "dit.onnx"), providers=["CPUExecutionProvider"])
+    assert_allclose_outputs(session.run(None, {n: kwargs[n].numpy() for n in info.input_names}), expected)
+
+
+def test_headless_convnextv2_wide_at_09_is_refused_in_one_line_saying_what_to_do():
+    """ConvNeXt-V2 without a classifier (AutoModel) ends in its last block's pwconv2, which stays dense
+    as the last layer; Sparse Wide at 0.9 widens its input 3.16x and, with the widened stem and
+    depthwise convs, the dense layers alone cost 1.3x the dense model: genuinely not iso-FLOP. The
+    refusal is one line naming that layer, why it is dense, its source line and what to do; at 0.5
+    the same model compiles iso-FLOP."""
+    from sift_compiler.errors import PassError
+    case = FAMILIES["convnextv2"].build()
+    with pytest.raises(PassError) as info:
+        sift.compile(case.model, "wide", 0.9, case.args, case.kwargs)
+    message = str(info.value)
+    assert "\n" not in message and "no sparsity can make this model iso-FLOP" in message
+    assert "lower the sparsity or use a transform that does not widen" in message
+    assert "last weight layer in the data flow (head)" in message
+    assert "'encoder.stages.1.layers.0.pwconv2'" in message and "modeling_convnextv2.py:" in message
+    result = sift.compile(case.model, "wide", 0.5, case.args, case.kwargs, strict=True)
+    assert abs(result.report.flop_ratio - 1) <= 0.005
+
+
+def test_a_vision_encoder_read_at_its_hidden_width_warns_why_wide_is_denser():
+    """SigLIP's vision tower without a head returns last_hidden_state, so its hidden width (d_model)
+    is the model's interface: Sparse Wide widens only inner sides (MLP hidden), the compensation pays
+    with a denser s', and the SiftWarning says so, naming the first such layer (the classifier
+    variant of tests/families_ssm_vision.py widens d_model and compiles as asked)."""
+    import warnings
+    from sift_compiler.errors import SiftWarning
+    case = FAMILIES["siglip"].build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SiftWarning)
+        result = sift.compile(case.model, "wide", 0.5, case.args, case.kwargs)
+    said = [str(w.message) for w in caught if issubclass(w.category, SiftWarning)]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert "denser than the requested s = 0.5" in said[0]
+    assert "the model's outputs fix the hidden width of sparse layers (first 'encoder.layers.0." in said[0]
+    assert abs(result.report.flop_ratio - 1) <= 0.005
+
+
+def test_latent_attention_exports_to_onnx_equal_to_torch(tmp_path):
+    """DeepSeek-V3's MLA fills its key tensor with in-place writes into slices (new_empty, then
+    copy_ of the no-RoPE and the RoPE part), which the TorchScript exporter drops: the exporter
+    rewrites them out of place (exporters.inplace_writes) and onnxruntime agrees with torch."""
+    import onnxruntime as ort
+    case = FAMILIES["deepseek_v3"].build()
+    module = sift.compile(case.model, "wide", 0.5, case.args, case.kwargs, strict=True).module.eval()
+    with torch.no_grad():
+        expected = [t.numpy() for t in tensors(module(**case.kwargs))]
+    info = sift.export_onnx(module, (), str(tmp_path / "mla.onnx"), case.kwargs, verify=False)
+    assert any("4 in-place slice writes rewritten out of place" in note for note in info.notes), info.notes
+    session = ort.InferenceSession(str(tmp_path / "mla.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": case.kwargs["input_ids"].numpy()})
+    assert max(float(abs(a - e).max()) for a, e in zip(got, expected)) <= 1e-5
+
+
+def test_moe_wide_at_09_warns_that_the_widened_lm_head_takes_the_budget():
+    """Qwen3-MoE (tiny: vocabulary 256 on d_model 64, 2 of 4 experts of width 32 active per token):
+    its dense LM head is 25% of the per-token weight FLOPs; Sparse Wide at 0.9 widens its input
+    3.16 times, so it alone takes 79% of the budget and the compensation leaves the sparse layers
+    at s' = 0.96 (2.67 times sparser). Iso-FLOP holds; the one-line warning says what ate the budget."""
+    import warnings
+    from sift_compiler.errors import SiftWarning
+    case = FAMILIES["qwen3_moe"].build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SiftWarning)
+        result = sift.compile(case.model, "wide", 0.9, case.args, case.kwargs)
+    said = [str(w.message) for w in caught if issubclass(w.category, SiftWarning)]
+    assert len(said) == 1 and "sparser than the requested s = 0.9" in said[0], said
+    assert "the layers that stay dense take 82% of the dense model's weight FLOPs, 'lm_head' alone 79%" in said[0]
+    assert abs(result.report.flop_ratio - 1) <= 0.005
+
+
 def test_support_matrix_script(tmp_path):
     """The support matrix's script on a 2018 causal LM (Sparse Wide, 0.5 and 0.9) and, merged in by
     ``--update``, an encoder-decoder (Parallel, 0.5): each row runs in its own child with every check

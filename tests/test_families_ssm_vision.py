@@ -42,10 +42,8 @@ EXPECTED_WARNINGS = {
 GRAPH_FORM = {(name, transform): r"(Mamba2|Bamba)Mixer reads self\.out_proj\.(weight|bias)"
               for name in CAUSAL_LM for transform in ("parallel", "factorized", "doped")}
 # family -> why sift.export_onnx cannot export it (a clear error, asserted): the TorchScript exporter
-# fails on the SSD scan's symbolic chunk padding (torch.sym_* given a traced tensor); a diffusion
-# model takes its timestep and class labels as keywords next to a non-tensor return_dict
-NO_ONNX = {"mamba2": "torch.onnx.export failed", "bamba": "torch.onnx.export failed",
-           "dit": "keyword inputs", "unet": "keyword inputs"}
+# fails on the SSD scan's symbolic chunk padding (torch.sym_* given a traced tensor)
+NO_ONNX = {"mamba2": "torch.onnx.export failed", "bamba": "torch.onnx.export failed"}
 _DENSE, _COMPILED = {}, {}
 GROUP = "ssm-families"  # one xdist worker: the generate test reuses the Sparse Wide compile
 

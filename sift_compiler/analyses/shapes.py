@@ -5,7 +5,7 @@ No real compute runs: a 10-branch Sparse Parallel ResNet-50 costs the same as th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -74,8 +74,16 @@ def internal_outputs(gm: fx.GraphModule) -> Set[str]:
     spec = getattr(info, "out_spec", None)
     structured = pytree.tree_unflatten(flat, spec) if spec is not None and spec.num_leaves == len(flat) \
         else out.args[0]
-    return {leaf.name for path, leaf in pytree.tree_flatten_with_path(structured)[0]
-            if isinstance(leaf, fx.Node) and path and any(key in str(path[0]) for key in INTERNAL_OUTPUTS)}
+    # top-level keys read by hand: an output class registered without key functions (diffusers'
+    # BaseOutput) has no key paths, and only the first level's name matters here
+    if isinstance(structured, Mapping):
+        items = structured.items()
+    elif isinstance(structured, (tuple, list)):
+        items = enumerate(structured)
+    else:
+        return set()
+    return {leaf.name for key, value in items if any(name in str(key) for name in INTERNAL_OUTPUTS)
+            for leaf in pytree.tree_leaves(value) if isinstance(leaf, fx.Node)}
 
 
 @dataclass(frozen=True)

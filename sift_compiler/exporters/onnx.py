@@ -6,7 +6,8 @@
    activated branches as trained, which idle DeepSparse cores run fastest, linear sums as
    ``stacked-conv``, one wide sparse conv and a fixed 1x1 conv that sums the branches), an equal
    function that DeepSparse runs fast and, unlike summed convs, correctly;
-2. replaces every masked layer with the plain layer holding ``where(mask, W, 0)``;
+2. replaces every masked layer with the plain layer holding ``where(mask, W, 0)``, and rewrites
+   in-place writes into slices out of place (`exporters.inplace_writes`: the exporter drops them);
 3. exports with the TorchScript exporter (``dynamo=False``, opset 13 to 17: what DeepSparse 1.8
    and onnxruntime both load, IR <= 9) with a dynamic batch axis (and sequence axis for token
    ids; torch.export graphs first get traceable sizes, `exporters.dynamic_shapes`) and
@@ -55,6 +56,7 @@ from .doped_form import concat_doped_linears, count_doped_linears
 from .dynamic_shapes import UnsupportedSizeUse, has_symbolic_sizes, make_sizes_traceable, other_shape_inputs
 from .forms import DEFAULT_FORM, FORMS, SAFE_FORM, apply_form
 from .outcome import Attempt, deepsparse_checked, deepsparse_failure, mark_not_for_deepsparse, next_remedy
+from .inplace_writes import rewrite_slice_writes
 from .inputs import inputs_metadata
 from .runtimes import deepsparse_status
 from .settings import SUPPORTED_OPSETS, ExportSettings  # noqa: F401  (SUPPORTED_OPSETS: re-exported)
@@ -84,20 +86,37 @@ class ExportInfo:
     deepsparse_reason: str = ""                     # why DeepSparse must not run the file (not-for-deepsparse)
 
 
-def _positional(module: nn.Module, args, kwargs):
-    """Inputs as a positional tuple, with names, for the TorchScript exporter."""
-    if isinstance(module, fx.GraphModule) and kwargs:  # keyword inputs keep their names (input_ids)
+def _positional(module: nn.Module, args, kwargs) -> Tuple[nn.Module, tuple, List[str]]:
+    """(module to export, its tensor inputs as a positional tuple, their names) for the TorchScript
+    exporter, which takes tensors only: keyword inputs of a compiled module keep their names
+    (input_ids, timestep), and its other inputs (None, return_dict=False) are fixed in the file."""
+    if isinstance(module, fx.GraphModule) and kwargs:
         values = bind_placeholders(module, tuple(args), dict(kwargs))
         names = [str(n.target).lstrip("*") for n in module.graph.nodes if n.op == "placeholder"]
         if len(names) == len(values):
-            keep = [(n, v) for n, v in zip(names, values) if isinstance(v, torch.Tensor)]
-            if len(keep) == len(values):
-                return tuple(v for _, v in keep), [n for n, _ in keep]
+            tensor_at = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+            exported = module if len(tensor_at) == len(values) else _TensorInputs(module, values, tensor_at)
+            return exported, tuple(values[i] for i in tensor_at), [names[i] for i in tensor_at]
     if kwargs:
         raise UserInputError("export_onnx takes keyword inputs only for modules compiled by sift_compiler; "
                              "pass positional example inputs")
     names = ["input"] + [f"input_{i}" for i in range(1, len(args))]
-    return tuple(args), names
+    return module, tuple(args), names
+
+
+class _TensorInputs(nn.Module):
+    """``graph`` called with tensors only: its other placeholders keep the example's values."""
+
+    def __init__(self, graph: fx.GraphModule, values: List[Any], tensor_at: List[int]) -> None:
+        super().__init__()
+        self.graph_module = graph
+        self._values, self._tensor_at = list(values), list(tensor_at)
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        values = list(self._values)
+        for index, tensor in zip(self._tensor_at, tensors):
+            values[index] = tensor
+        return self.graph_module(*values)
 
 
 def positive_zeros(model) -> int:
@@ -210,6 +229,11 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, settings: ExportSetti
     baked = bake_masks(formed, inplace=formed is not module).eval()  # the forms copied; graph_of made a new graph
     del graph
     del formed
+    if isinstance(baked, fx.GraphModule):  # the TorchScript exporter drops writes into views
+        writes = rewrite_slice_writes(baked)
+        if writes.rewritten:
+            notes.append(f"{writes.rewritten} in-place slice writes rewritten out of place for the exporter")
+        notes += [f"in-place write left as written (the exporter may drop it): {why}" for why in writes.left]
     if dynamic_batch and has_symbolic_sizes(baked):
         try:
             make_sizes_traceable(baked)
@@ -217,11 +241,11 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, settings: ExportSetti
             dynamic_batch = False
             notes.append(f"static input shapes {_shapes((args, kwargs))}: the graph passes a symbolic size to "
                          f"{e}, which the TorchScript exporter would fix at the example's value")
-    inputs, names = _positional(baked, args, kwargs)
+    exported, inputs, names = _positional(baked, args, kwargs)
     names = list(input_names) if input_names else names
     reference = None
     with torch.no_grad():
-        outputs = tensor_leaves(baked(*inputs))
+        outputs = tensor_leaves(exported(*inputs))
         if verify:  # the trained module itself, not the export form: checks prove the form changes nothing
             with eval_mode(module):
                 reference = [t.detach().cpu().numpy() for t in tensor_leaves(module(*args, **kwargs))]
@@ -238,10 +262,10 @@ def _prepare(module: nn.Module, args: tuple, kwargs: dict, settings: ExportSetti
                          f"{_shapes((other_args, other_kwargs))} in torch ({type(e).__name__}: "
                          f"{first_line(e, 200)})")
         else:
-            other_inputs, _ = _positional(baked, other_args, other_kwargs)
+            _, other_inputs, _ = _positional(baked, other_args, other_kwargs)
             other_shape = ({n: x.detach().cpu().numpy() for n, x in zip(names, other_inputs)}, other_reference)
     axes = _dynamic_axes(names, inputs, output_names, outputs) if dynamic_batch else {}
-    return _Prepared(baked, inputs, names, output_names, axes, patterns, reference, notes, branch_groups,
+    return _Prepared(exported, inputs, names, output_names, axes, patterns, reference, notes, branch_groups,
                      stacked_groups, other_shape, doped_linears)
 
 

@@ -80,15 +80,7 @@ class IsoFlopCompensationPass(Pass):
         target = unit.baseline.weight_dense
         budget = target - dense_after
         if budget <= 0:
-            # name the costliest dense layer (with its source line): the first one to reconsider
-            costliest = max(dense, key=dense.__getitem__, default=None)
-            nodes = {n.name: n for n in gm.graph.nodes}
-            error = PassError(f"the layers that stay dense already cost {dense_after:.4g} FLOPs, more than the "
-                              f"dense model's {target:.4g}: no sparsity can make this model iso-FLOP; keep fewer "
-                              "layers dense or lower the sparsity"
-                              + (f"; the costliest dense layer ({dense[costliest]:.4g} FLOPs) is"
-                                 if costliest in nodes else ""))
-            raise at_node(error, nodes[costliest]) if costliest in nodes else error
+            raise _over_budget(unit, gm, dense, dense_after, target, options.sparsity)
         density = budget / maskable
         if density > 1.0:
             unit.notes.append(f"compensation wanted density {density:.4f} > 1; capped at 1 (model under budget)")
@@ -111,3 +103,28 @@ def _set_densities(gm, masked_nodes, density: float) -> None:
             gm.get_submodule(str(node.target)).target_density = density
         except Exception as e:
             raise at_node(e, node)
+
+
+def _over_budget(unit, gm, dense, dense_after: float, target: float, sparsity: float) -> PassError:
+    """The error for dense layers that alone cost more than the dense model: what, the costliest
+    dense layer (why it is dense, its node and source line) and what to do."""
+    from ..analyses.layers import LayerAnalysis
+    from ..registry import get_transform
+    transform = unit.config.transform
+    costliest = max(dense, key=dense.__getitem__, default=None)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    node = nodes.get(costliest)
+    layer = unit.analyses.get(LayerAnalysis).layers.get(str(node.target)) if node is not None else None
+    why = layer.dense_reason(transform) if layer is not None else None
+    remedies = ["lower the sparsity"] if unit.config.capacity is None else \
+        [f"lower the capacity (now {unit.config.capacity:g})"]
+    if get_transform(transform).widens:
+        remedies.append("use a transform that does not widen the dense layers (parallel, factorized, doped)")
+    if unit.config.keep_dense:
+        remedies.append("keep fewer layers dense (--keep-dense)")
+    error = PassError(f"{transform} at s = {sparsity:g}: the layers that stay dense already cost {dense_after:.4g} "
+                      f"FLOPs, more than the dense model's {target:.4g}: no sparsity can make this model iso-FLOP; "
+                      f"{' or '.join(remedies)}"
+                      + (f"; the costliest dense layer ({dense[costliest]:.4g} FLOPs"
+                         + (f", {why}" if why else "") + ") is" if node is not None else ""))
+    return at_node(error, node) if node is not None else error

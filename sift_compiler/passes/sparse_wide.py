@@ -41,6 +41,7 @@ from ..analyses.ops import module_kind
 from ..analyses.shapes import ShapeAnalysis
 from ..errors import PassError, at_node
 from ..initialization import mark_copy, mark_fresh, stream_seed
+from ..shortfall import OUTPUT_FIXES_WIDTH
 from ..sparsity.layers import MaskedLayer, deferred_init, masked_copy, new_layer
 from ..unit import LayerDecision, ModuleRewrite, TensorRewrite
 from .base import Pass, PassResult
@@ -200,6 +201,11 @@ class SparseWidePass(Pass):
         if layer is not None and layer.kind in ("linear", "conv"):
             unit.decisions[path] = LayerDecision("wide" if _is_masked(replacement) else "kept", detail,
                                                  kept_at_width(coupling.axes, entry, first=layer.first))
+            if _is_masked(replacement) and not any(n.startswith(OUTPUT_FIXES_WIDTH) for n in unit.notes) \
+                    and _fixed_by_output(coupling.axes, entry):
+                unit.notes.append(f"{OUTPUT_FIXES_WIDTH} (first '{path}'): a model read at its hidden width "
+                                  "(no head) widens only inner sides, so its sparse layers cost less than k^2 "
+                                  "times dense; compiled with its head, the hidden width widens too")
 
     def _resize(self, module: nn.Module, entry, size_of, layer) -> Tuple[nn.Module, str]:
         kind = module_kind(module)
@@ -372,6 +378,12 @@ def kept_at_width(axes, entry, first: bool = False) -> List[str]:
                 reasons.append(f"{side}: {why}")
                 break
     return reasons
+
+
+def _fixed_by_output(axes, entry) -> bool:
+    """Does a model output pin one side of this layer (a feature encoder's hidden width)?"""
+    return any((axes.pinned.get(root) or "").startswith("model output")
+               for side in ("in", "out") for root in _leaves(axes, entry[side]))
 
 
 def _leaves(axes, expr) -> List[int]:
