@@ -24,7 +24,7 @@ import torch
 import sift_compiler as sift
 from sift_compiler.testing import assert_masks_exact
 from checks import (assert_generate_equals_recompute, assert_iso_flop, assert_native_equals_graph,
-                    assert_rigl_keeps_exact_counts, exit_status, run_script)
+                    assert_rigl_keeps_exact_counts, exit_status, run_script, tensors)
 from families import FAMILIES
 
 CASES = [
