@@ -22,6 +22,10 @@ def run(argv) -> int:
     return exit_status(main, argv)
 
 
+# one worker: the module's `files` exports are made once, not once per worker
+pytestmark = pytest.mark.xdist_group("cli-bench")
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")

@@ -34,6 +34,10 @@ def run(argv) -> int:
     return exit_status(main, argv)
 
 
+# one worker: the module's `exported` exports are made once, not once per worker
+pytestmark = pytest.mark.xdist_group("cli-check")
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The parallel s=0.75 export of tiny_net, as sift-bench makes it (seeded weights), and a compiled file."""

@@ -33,6 +33,9 @@ TRANSFORMS = ["none", "parallel", "factorized", "doped", "wide"]
 
 
 _EXPORTS = {}
+# One worker makes the five exports (the Sparse Parallel one is read by three tests): with the tests
+# spread over two workers, both compiled and verified the same ResNet-18 exports.
+R18 = pytest.mark.xdist_group("resnet18-exports")
 
 
 def resnet18_export(transform: str, tmp_path_factory):
@@ -47,6 +50,7 @@ def resnet18_export(transform: str, tmp_path_factory):
     return _EXPORTS[transform]
 
 
+@R18
 @pytest.mark.deepsparse
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_every_transform_of_resnet18_exports_verified(tmp_path_factory, transform):
@@ -94,6 +98,7 @@ def _conv_readers(model) -> dict:
     return readers
 
 
+@R18
 @pytest.mark.deepsparse
 def test_parallel_resnet18_has_no_summed_convs_and_runs_any_batch(tmp_path_factory, tmp_path):
     """stacked-conv: one stacked conv and a 1x1 sum per layer, so no input feeds the branch convs DeepSparse mis-sums."""
@@ -108,6 +113,7 @@ def test_parallel_resnet18_has_no_summed_convs_and_runs_any_batch(tmp_path_facto
     assert engine.run({"input": np.random.randn(3, 3, 64, 64).astype(np.float32)})[0].shape == (3, 1000)
 
 
+@R18
 def test_auto_form_without_a_deepsparse_check_writes_the_stacked_form(tmp_path_factory, tmp_path):
     """The default form keeps branches only where DeepSparse verified them on the file."""
     import torchvision

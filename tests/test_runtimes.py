@@ -31,6 +31,10 @@ BLOCK = textwrap.dedent("""\
     """)
 
 
+# one worker: the module's `wide` exports are made once, not once per worker
+pytestmark = pytest.mark.xdist_group("runtimes")
+
+
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """tiny_net Sparse Wide 0.75: ONNX plus the compiled model beside it (as sift-compile -o writes it)."""
