@@ -189,7 +189,7 @@ def _count_misses(model: nn.Module, planned: Dict[str, int]) -> Dict[str, Any]:
 
 
 def assert_rigl_keeps_exact_counts(model: nn.Module, case, steps: int = 4, update_interval: int = 2) -> None:
-    """``steps`` RigL steps (a mask update every ``update_interval``, on a squared-output loss):
+    """``steps`` RigL steps at batch + 2 (a mask update every ``update_interval``, on a squared-output loss):
     every masked layer (each expert's own layers in a mixture of experts) holds exactly its planned
     non-zeros, round(density * numel), before and after, masked weights stay zero, and some mask moved."""
     planned = {name: exact_count(layer.target_density, layer.weight.numel())
@@ -213,8 +213,9 @@ def _rigl_steps(model: nn.Module, case, steps: int, update_interval: int) -> Non
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     engine = RigL(model, optimizer, total_steps=steps, update_interval=update_interval, end_fraction=1.0)
+    args, kwargs = grown(case.args), grown(case.kwargs)  # batch norm cannot train on one sample of 1x1 maps
     for _ in range(steps):
-        out = tensors(model(*case.args, **case.kwargs))
+        out = tensors(model(*args, **kwargs))
         sum(t.float().pow(2).mean() for t in out if t.is_floating_point()).backward()
         optimizer.step()
         engine.step()
