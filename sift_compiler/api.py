@@ -4,14 +4,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
+from typing import Any, Dict, Optional, TextIO, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from . import serialize
-from .analyses.flops import FlopAnalysis
 from .capture.experts import EXPERTS_KEPT_FUSED
 from .capture.modules import is_transformers_model
 from .capture.tracer import capture

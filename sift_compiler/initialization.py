@@ -31,7 +31,7 @@ from typing import Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-from .sparsity.init import exact_count, layer_generator, random_mask
+from .sparsity.init import layer_generator, random_mask
 from .sparsity.layers import MaskedLayer
 
 FRESH = "_sift_fresh"  # instance flag: a dense module a rewrite built that still has its type's default values

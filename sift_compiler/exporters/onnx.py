@@ -54,7 +54,7 @@ from ..unit import bind_placeholders
 from .checks import Verification, verify_onnx
 from .doped_form import concat_doped_linears, count_doped_linears
 from .dynamic_shapes import UnsupportedSizeUse, has_symbolic_sizes, make_sizes_traceable, other_shape_inputs
-from .forms import DEFAULT_FORM, FORMS, SAFE_FORM, apply_form
+from .forms import DEFAULT_FORM, SAFE_FORM, apply_form
 from .outcome import Attempt, deepsparse_checked, deepsparse_failure, mark_not_for_deepsparse, next_remedy
 from .inplace_writes import rewrite_slice_writes
 from .inputs import inputs_metadata

@@ -38,7 +38,6 @@ from ..analyses.axes import Prod, Sum, Sym, symbols
 from ..analyses.coupling import ChannelCouplingAnalysis, CouplingResult, getattr_path
 from ..analyses.layers import LayerAnalysis
 from ..analyses.ops import module_kind
-from ..analyses.shapes import ShapeAnalysis
 from ..errors import PassError, at_node
 from ..initialization import mark_copy, mark_fresh, stream_seed
 from ..shortfall import OUTPUT_FIXES_WIDTH
