@@ -1,14 +1,11 @@
 # The two commands of the README: `make demo` and `make test`. Both build .venv from scratch on a
 # fresh machine (Python 3.11, x86-64 Linux) with every pin from constraints.txt. --no-compile: pip would
-# byte-compile all of torch (CUDA build) and the rest, 1.5 of make test's minutes; Python compiles what is
-# imported, once, where the environment lets it write bytecode (PYTHONDONTWRITEBYTECODE=1 would make every
-# test process compile torch and transformers from source again).
+# byte-compile all of torch (CUDA build) and the rest, 1.5 of make test's minutes; Python compiles what is imported.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 export NM_DISABLE_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: venv test demo bench fuzz clean
 
