@@ -22,7 +22,9 @@ import warnings
 from typing import List, Optional
 
 from .capture.experts import EXPERTS_KEPT_FUSED
+from .analyses.flops import FlopAnalysis
 from .errors import ShortfallError, SiftWarning
+from .sparsity.layers import MaskedLayer
 
 DENSITY_RANGE = (0.5, 1.5)
 UNREWRITTEN_SHARE = 0.01
@@ -62,8 +64,6 @@ def _dense_share(unit) -> Optional[str]:
     of them (a widened LM head in a small model): why the sparse layers are sparser than asked."""
     if unit.baseline is None or unit.baseline.weight_dense <= 0:
         return None
-    from .analyses.flops import FlopAnalysis
-    from .sparsity.layers import MaskedLayer
     gm = unit.module
     masked = {n.name for n in gm.graph.nodes if n.op == "call_module"
               and isinstance(gm.get_submodule(str(n.target)), MaskedLayer)}

@@ -21,11 +21,15 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.fx._pytree as fx_pytree
 
+from .analyses.flops import FlopAnalysis, routed_shares
+from .analyses.layers import LayerAnalysis
 from .analyses.manager import AnalysisManager
+from .analyses.shapes import ShapeAnalysis
 from .capture.modules import on_meta_device
 from .compare import tensor_leaves
 from .config import CompileConfig
 from .sparsity.counts import count_parameters
+from .sparsity.layers import MaskedLayer
 
 if TYPE_CHECKING:
     from .analyses.flops import FlopCounts
@@ -146,10 +150,6 @@ class CompilationUnit:
 
     def record_baseline(self) -> Baseline:
         """Measure the graph as it is now as the dense `Baseline` (once, before any pass)."""
-        from .analyses.flops import FlopAnalysis
-        from .analyses.layers import LayerAnalysis
-        from .analyses.shapes import ShapeAnalysis
-        from .analyses.flops import routed_shares
         self.dense_baseline = Baseline(self.analyses.get(FlopAnalysis), self.analyses.get(LayerAnalysis),
                                        self.analyses.get(ShapeAnalysis).outputs(self.module),
                                        count_parameters(self.module, routed_shares(self.module)))
@@ -187,7 +187,6 @@ class CompilationUnit:
         # the layer list only changes with the graph (passes touch() when they splice modules), so
         # it is cached per graph edit; the stamp itself reads each mask's identity and version
         if self._mask_layers is None or self._mask_layers_at != self._edits:
-            from .sparsity.layers import MaskedLayer
             self._mask_layers = [m for m in self.module.modules() if isinstance(m, MaskedLayer)]
             self._mask_layers_at = self._edits
         return hash(tuple((id(mask), _version_of(mask)) for mask in

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from ..analyses.flops import FlopAnalysis
+from ..analyses.layers import LayerAnalysis
+from ..analyses.shapes import ShapeAnalysis
 from ..config import CompileConfig
 from ..errors import PassError, at_node
+from ..registry import get_transform
 from ..sparsity.layers import MaskedLayer
 from .base import Pass, PassResult
 
@@ -66,8 +69,6 @@ class IsoFlopCompensationPass(Pass):
             why = "budget latency" if options.budget == "latency" else f"pattern {options.pattern}"
             unit.notes.append(f"{why}: sparse layers at s = {options.sparsity:g}, no iso-FLOP compensation")
             unit.touch()
-            from ..analyses.layers import LayerAnalysis
-            from ..analyses.shapes import ShapeAnalysis
             return PassResult(True, frozenset({ShapeAnalysis, LayerAnalysis}))
         masked_names = {n.name for n in masked_nodes}
         for node in masked_nodes:
@@ -91,8 +92,6 @@ class IsoFlopCompensationPass(Pass):
             unit.notes.append(f"compensated sparsity s' = {unit.effective_sparsity:.4f} "
                               f"(requested s = {options.sparsity:g})")
         unit.touch()
-        from ..analyses.layers import LayerAnalysis
-        from ..analyses.shapes import ShapeAnalysis
         return PassResult(True, frozenset({ShapeAnalysis, LayerAnalysis}))
 
 
@@ -108,8 +107,6 @@ def _set_densities(gm, masked_nodes, density: float) -> None:
 def _over_budget(unit, gm, dense, dense_after: float, target: float, sparsity: float) -> PassError:
     """The error for dense layers that alone cost more than the dense model: what, the costliest
     dense layer (why it is dense, its node and source line) and what to do."""
-    from ..analyses.layers import LayerAnalysis
-    from ..registry import get_transform
     transform = unit.config.transform
     costliest = max(dense, key=dense.__getitem__, default=None)
     nodes = {n.name: n for n in gm.graph.nodes}
