@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from ..registry import get_transform
 from .checks import OTHER_SHAPE_CHECK, Verification
 from .settings import ExportSettings
 from .weights import META_DEEPSPARSE, not_for_deepsparse  # noqa: F401  (not_for_deepsparse: re-exported)
@@ -155,7 +156,6 @@ def compile_remedies(transform: str, channel_multiple: int) -> List[Remedy]:
     """Recompilations that may give DeepSparse a file it runs, tried after the export remedies fail
     (``channel_multiple``: what the model's widened channels were rounded to, `CompileConfig.channel_multiple`)."""
     remedies = []
-    from ..registry import get_transform
     if get_transform(transform).widens and channel_multiple % 8:
         remedies.append(Remedy("round-to-8", {"round_to": 8},
                                "Sparse Wide recompiled with channels rounded to multiples of 8 (--round-to 8)"))
