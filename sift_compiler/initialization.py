@@ -10,10 +10,14 @@ Sparse layers, dense factors, widened embeddings and norms are new modules. They
   parameters affordable.
 
 Each module draws from its own stream, seeded by (seed, module path), so its values depend on
-nothing else: not on the order of the passes nor on which other layers exist. A masked layer is
-multiplied by its mask afterwards, and a weight that comes out exactly 0.0 inside the mask is
-moved off zero (a normal draw gives 0.0 about once in 2^24 pairs), so that the mask's non-zeros,
-the FLOP report and the exported file's zeros agree.
+nothing else: not on the order of the passes nor on which other layers exist. A masked layer
+gets the layer default drawn whole in NumPy and masked (drawing only the kept entries measured no
+faster there: scattering them costs what drawing the rest does), or the model's own routine drawn
+only where the mask keeps weights when the routine is elementwise (`kept_weight_init`: N(0, 0.02)
+is N(0, 0.02) on any subset; torch's normal_ is the cost there), else drawn whole and masked.
+A weight that comes out exactly 0.0 inside the mask is moved off zero (a normal draw gives 0.0
+about once in 2^24 pairs), so that the mask's non-zeros, the FLOP report and the exported file's
+zeros agree.
 
 The same streams give `init_weights` and `materialize`: a model compiled on the meta device
 (nothing allocated) becomes real where its weights will live, whole or shard by shard under FSDP2
@@ -26,10 +30,13 @@ from __future__ import annotations
 
 import copy
 import zlib
-from typing import Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .sparsity.init import layer_generator, random_mask
 from .sparsity.layers import MaskedLayer
@@ -80,14 +87,81 @@ class HuggingFaceInit(InitPolicy):
             self.model._init_weights(module)
 
     def draw_masked(self, layer: MaskedLayer, path: str, seed: int) -> None:
-        self._init(layer, path, seed)
-        with torch.no_grad():
-            layer.weight.mul_(layer.weight_mask.to(layer.weight.dtype))
-            nonzero_inside_mask(layer.weight, layer.weight_mask)
+        """The model's init of the layer, drawn only where the mask keeps weights when the init is
+        elementwise (`kept_weight_init`: the same distribution, a fraction of the draw); else the
+        whole layer is drawn and masked."""
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(stream_seed(seed, path))
+            draws = kept_weight_init(lambda: self.model._init_weights(layer), layer)  # the bias is drawn here
+            if draws is not None:
+                values = torch.empty(int(layer.weight_mask.sum()), dtype=layer.weight.dtype, device=layer.weight.device)
+                for op, args, kwargs in draws:
+                    op(values, *args, **kwargs)
+                nonzero_inside_mask(values)
+                layer.weight.zero_().masked_scatter_(layer.weight_mask, values)
+        if draws is None:
+            self._init(layer, path, seed)
+            with torch.no_grad():
+                layer.weight.mul_(layer.weight_mask)
+                nonzero_inside_mask(layer.weight, layer.weight_mask)
         layer.init_pending = False
 
     def draw_fresh(self, module: nn.Module, path: str, seed: int) -> None:
         self._init(module, path, seed)
+
+
+_ATEN = torch.ops.aten
+# In-place ops that change each value on its own, from scalars: an init made of these alone draws
+# every entry from the same distribution, so drawing the kept entries alone is drawing the layer.
+_ELEMENTWISE_IN_PLACE = {_ATEN.normal_, _ATEN.uniform_, _ATEN.fill_, _ATEN.zero_, _ATEN.mul_, _ATEN.add_,
+                         _ATEN.sub_, _ATEN.div_, _ATEN.clamp_, _ATEN.clamp_min_, _ATEN.clamp_max_, _ATEN.erfinv_,
+                         _ATEN.exponential_, _ATEN.log_normal_, _ATEN.cauchy_, _ATEN.geometric_}
+_QUERIES = {torch.ops.prim.device.default, _ATEN.sym_size.int, _ATEN.sym_numel.default, _ATEN.sym_stride.int,
+            _ATEN.is_contiguous.default, _ATEN.sym_storage_offset.default}
+
+
+class _InitRecorder(TorchDispatchMode):
+    """Records what an init routine does to a fake stand-in of one weight. Only in-place elementwise
+    ops with scalar arguments are replayable; a view, copy, read or any other op on the stand-in
+    (orthogonal_, trunc_normal_'s rejection loop, ``.data``) makes the routine not replayable."""
+
+    def __init__(self, stand_in: torch.Tensor) -> None:
+        super().__init__()
+        self.stand_in, self.draws, self.replayable = stand_in, [], True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t is self.stand_in for t in tensors):
+            if func.overloadpacket in _ELEMENTWISE_IN_PLACE and args and args[0] is self.stand_in \
+                    and len(tensors) == 1:
+                self.draws.append((func, args[1:], kwargs))
+            elif func not in _QUERIES:
+                self.replayable = False
+        elif any(isinstance(t, FakeTensor) for t in tensors):  # something made from the stand-in
+            self.replayable = False
+        return func(*args, **kwargs)
+
+
+def kept_weight_init(init: Callable[[], None], layer: MaskedLayer) -> Optional[List[Tuple[Any, tuple, dict]]]:
+    """Run ``init`` (which initialises ``layer``) with a fake stand-in for the layer's weight, and
+    return the ops it applied to the weight, to replay on the kept entries alone; None when the init
+    is not elementwise (see `_InitRecorder`) or fails on the stand-in. The layer's other tensors
+    (its bias) are initialised for real."""
+    weight = layer.weight
+    with FakeTensorMode():
+        stand_in = nn.Parameter(torch.empty(tuple(weight.shape), dtype=weight.dtype, device=weight.device),
+                                requires_grad=False)
+    recorder = _InitRecorder(stand_in)
+    layer._parameters["weight"] = stand_in
+    try:
+        with recorder:
+            init()
+    except Exception:  # e.g. a routine that reads the values it drew: drawn whole instead
+        return None
+    finally:
+        layer._parameters["weight"] = weight
+    return recorder.draws if recorder.replayable and recorder.draws else None
 
 
 def stream_seed(seed: int, path: str) -> int:
@@ -95,9 +169,10 @@ def stream_seed(seed: int, path: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(path.encode()) * 7919 + 2) % (2 ** 63)
 
 
-def nonzero_inside_mask(weight: torch.Tensor, mask: torch.Tensor) -> int:
-    """Move weights that are exactly 0.0 at active positions off zero; returns how many there were."""
-    zero = (weight == 0) & mask
+def nonzero_inside_mask(weight: torch.Tensor, mask: Optional[torch.Tensor] = None) -> int:
+    """Move weights that are exactly 0.0 at active positions (all of them without ``mask``) off zero;
+    returns how many there were."""
+    zero = (weight == 0) & mask if mask is not None else weight == 0
     count = int(zero.sum())
     if count:
         scale = float(weight.abs().max()) or 1.0
