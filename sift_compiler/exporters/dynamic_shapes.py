@@ -148,17 +148,19 @@ def make_sizes_traceable(module: fx.GraphModule) -> int:
     return changed
 
 
-def other_shape_inputs(tree: Any) -> Any:
+def other_shape_inputs(tree: Any, halve_length: bool = False) -> Any:
     """The example inputs at another shape along the axes the exporter declares dynamic.
 
     Every tensor with a batch axis gets one more sample (a copy of its first); integer (token id)
-    matrices of length >= 3 also lose their last position. A file that baked a size in fails on these.
+    matrices of length >= 3 also lose their last position, or with ``halve_length`` half of their
+    positions (at least 2 stay: as many tokens as the example for a batch of one, so a check run
+    at the second size costs what one at the example costs). A file that baked a size in fails on these.
     """
     def resize(x: Any) -> Any:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             return x
         x = torch.cat([x, x[:1]])
         if x.dim() == 2 and not x.is_floating_point() and x.shape[1] >= 3:
-            x = x[:, :-1]
+            x = x[:, :max(2, x.shape[1] // 2)] if halve_length else x[:, :-1]
         return x
     return pytree.tree_map(resize, tree)
