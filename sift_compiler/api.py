@@ -42,7 +42,7 @@ class CompileResult:
     unit: CompilationUnit
     config: CompileConfig
     capture_method: str
-    timings: Dict[str, float]
+    timings: Dict[str, float]  # seconds: "capture", each pass by name, "native" (its build and check)
     source: Optional[Dict[str, Any]] = None  # how to rebuild the dense model (for save/load)
     output: str = "graph"
     latency: Optional[Any] = None            # budget="latency": the search behind it (latency.LatencySearch)
@@ -171,7 +171,9 @@ def compile_config(model: nn.Module, config: CompileConfig, example_inputs: Any 
     capture_method, progress, output = options.capture_method, options.progress, options.output
     args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     timing = TimingInstrument()
+    start = time.perf_counter()
     captured = capture(model, args, kwargs, method=capture_method)
+    timing.timings["capture"] = time.perf_counter() - start
     kwargs = captured.kwargs
     unit = CompilationUnit(captured.module, args, kwargs, config, record_baseline=True)
     unit.notes.extend(n for n in captured.notes if n.startswith(("meta device", EXPERTS_KEPT_FUSED)))
