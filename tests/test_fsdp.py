@@ -12,8 +12,11 @@ steps: at 4, 8 and 12) three ways, on the same global batches of 4 sequences:
   Ties at the k-th score are broken by global index in both (``sparsity/topk.py``), so there is
   no tolerance anywhere;
 - resumed: the reference's step-10 checkpoint (saved by 1 process) loaded into a fresh 2-rank
-  FSDP2 model, and the FSDP2 run's step-10 checkpoint (2 ranks) loaded into a fresh single
-  process: masks and weights equal the reference's at step 10 and step 11's loss is its loss.
+  FSDP2 model, and the FSDP2 run's step-10 checkpoint (2 ranks) loaded into a fresh model of a
+  single process: masks and weights equal the reference's at step 10 and step 11's loss is its loss.
+
+One torchrun launch: rank 0 runs the reference before the process group exists and the 2 -> 1
+resume after it is destroyed (no process group either time: what a single-process job sees).
 
 Also on 2 ranks: every rank's shard of every mask holds half of the layer, the per-layer counts
 over both shards are exact after every step, grown weights and their AdamW state are zero, and
@@ -182,31 +185,32 @@ def _nm_error() -> str:
     return ""
 
 
-def _main(mode: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    if mode == "reference":  # one process, no process group
-        report = {"rigl": _run("rigl", STEPS, False, os.path.join(out_dir, "ckpt-1rank")),
-                  "set": _run("set", SET_STEPS, False), "nm": _run("rigl", NM_STEPS, False, **NM)}
-        name = "reference.json"
-    elif mode == "resume":   # one process loads the 2-rank checkpoint
-        report = _resume(os.path.join(out_dir, "ckpt-2ranks"), False)
-        name = "resume.json"
-    else:                    # torchrun, 2 ranks
-        import torch.distributed as dist
-        dist.init_process_group("gloo")
-        report = {"rigl": _run("rigl", STEPS, True, os.path.join(out_dir, "ckpt-2ranks")),
-                  "resume": _resume(os.path.join(out_dir, "ckpt-1rank"), True),
-                  "set": _run("set", SET_STEPS, True),
-                  "static": _run("static", STATIC_STEPS, True),
-                  "nm": _run("rigl", NM_STEPS, True, **NM), "nm_error": _nm_error()}
-        name = f"rank{dist.get_rank()}.json"
-        dist.destroy_process_group()
+def _write(out_dir: str, name: str, report: dict) -> None:
     with open(os.path.join(out_dir, name), "w") as f:
         json.dump(report, f)
 
 
-def _launch(args, tmp_path, torchrun=False):
-    run_script(__file__, *args, str(tmp_path), ranks=2 if torchrun else 1)
+def _main(out_dir: str) -> None:
+    """One torchrun launch of 2 ranks (each process's imports and compile once, not three times)."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    _compiled()  # both ranks at once, before rank 1 waits for rank 0's reference
+    if rank == 0:  # the reference: one process, no process group yet (rank 1 waits in init_process_group)
+        _write(out_dir, "reference.json",
+               {"rigl": _run("rigl", STEPS, False, os.path.join(out_dir, "ckpt-1rank")),
+                "set": _run("set", SET_STEPS, False), "nm": _run("rigl", NM_STEPS, False, **NM)})
+    dist.init_process_group("gloo")
+    report = {"rigl": _run("rigl", STEPS, True, os.path.join(out_dir, "ckpt-2ranks")),
+              "resume": _resume(os.path.join(out_dir, "ckpt-1rank"), True),
+              "set": _run("set", SET_STEPS, True),
+              "static": _run("static", STATIC_STEPS, True),
+              "nm": _run("rigl", NM_STEPS, True, **NM), "nm_error": _nm_error()}
+    dist.destroy_process_group()
+    _write(out_dir, f"rank{rank}.json", report)
+    if rank == 0:  # the 2-rank checkpoint into a fresh model of one process, the process group gone
+        assert not dist.is_initialized()
+        _write(out_dir, "resume.json", _resume(os.path.join(out_dir, "ckpt-2ranks"), False))
 
 
 def _same_steps(a, b, keys=("masks", "weights", "params")):
@@ -217,9 +221,7 @@ def _same_steps(a, b, keys=("masks", "weights", "params")):
 
 
 def test_fsdp2_two_ranks_match_one_process_and_checkpoints_cross_world_sizes(tmp_path):
-    _launch(["reference"], tmp_path)
-    _launch(["fsdp"], tmp_path, torchrun=True)
-    _launch(["resume"], tmp_path)
+    run_script(__file__, str(tmp_path), ranks=2)
     ref = json.loads((tmp_path / "reference.json").read_text())
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     resumed = json.loads((tmp_path / "resume.json").read_text())
@@ -267,4 +269,4 @@ def test_fsdp2_two_ranks_match_one_process_and_checkpoints_cross_world_sizes(tmp
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], sys.argv[2])
+    _main(sys.argv[1])

@@ -31,8 +31,11 @@ def test_resnet18_widths_and_compensation(sparsity, stem_width):
 
 
 def _gpt3_small():
+    """Built on the meta device: these tests assert planned widths, ratios and output shapes, which
+    a meta compile plans exactly as a real-weight one (tests/test_meta_compile.py), without drawing
+    125M weights; the forward below runs on meta too (shapes through the native model)."""
     spec = "transformers:gpt2,n_layer=12,n_embd=768,n_head=12,vocab_size=1000,n_positions=64"
-    return load_model(spec, input_shape=(1, 16))
+    return load_model(spec, input_shape=(1, 16), meta=True)
 
 
 @pytest.mark.parametrize("sparsity, d_model, d_ff", [(0.5, 1092, 4344), (0.75, 1536, 6144)])
