@@ -7,9 +7,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS := vision,transformers,lightning,deepsparse,sparseml,openvino,diffusion,dev
-# pip's own index settings (pip.conf or PIP_* variables), handed to uv, which does not read them
-PIP_INDEXES = $(foreach url,$(shell $(PY) -m pip config get global.extra-index-url 2>/dev/null),--extra-index-url $(url)) \
-	$(foreach dir,$(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-links 2>/dev/null)),--find-links $(dir))
+# pip's own index settings (pip.conf or PIP_* variables), read with the system pip, handed to uv, which does not read them
+PIP_INDEXES := $(foreach url,$(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null),--extra-index-url $(url)) \
+	$(foreach dir,$(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)),--find-links $(dir))
 export NM_DISABLE_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
