@@ -38,6 +38,8 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .capture.modules import is_transformers_model
+from .errors import UserInputError
 from .sparsity.init import layer_generator, random_mask
 from .sparsity.layers import MaskedLayer
 
@@ -58,7 +60,6 @@ class InitPolicy:
         reset = getattr(module, "reset_parameters", None)
         if reset is None:
             if any(t is not None for t in module._parameters.values()):
-                from .errors import UserInputError
                 raise UserInputError(f"cannot initialise {path or 'the model'} ({type(module).__name__}): it owns "
                                      "parameters and has no reset_parameters; initialise it yourself after "
                                      "materializing, or give the module a reset_parameters method")
@@ -182,7 +183,6 @@ def nonzero_inside_mask(weight: torch.Tensor, mask: Optional[torch.Tensor] = Non
 
 def init_policy_for(model: Optional[nn.Module]) -> InitPolicy:
     """`HuggingFaceInit` for a Hugging Face model with ``_init_weights``, else `LayerDefault`."""
-    from .capture.modules import is_transformers_model
     if model is not None and is_transformers_model(model) and hasattr(model, "_init_weights") \
             and getattr(model, "config", None) is not None:
         return HuggingFaceInit(model)

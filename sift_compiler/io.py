@@ -6,6 +6,8 @@ import os
 import tempfile
 from typing import Any, Iterator
 
+import torch
+
 from .errors import ModelLoadError, UserInputError, first_line
 
 
@@ -13,7 +15,6 @@ def load_weights_only(path: str, missing: str, unreadable: str) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU: no code from the file runs. A file that is
     not there raises ModelLoadError(``missing``), one torch cannot read this way ModelLoadError(
     ``unreadable``); both are formatted with ``path`` and ``reason`` (the error's first line)."""
-    import torch
     if not os.path.exists(path):
         raise ModelLoadError(missing.format(path=path, reason=""))
     try:

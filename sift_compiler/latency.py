@@ -28,12 +28,17 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
 import numpy as np
 
-from .errors import UserInputError
+from .errors import ExportError, UserInputError
+from .exporters.inputs import input_specs, random_feeds
+from .exporters.onnx import export_onnx
+from .exporters.runtimes import deepsparse_status, open_engine
+from .exporters.weights import load_onnx
+from .registry import get_transform
 
 RUNTIMES = ("deepsparse", "onnxruntime")
 
@@ -106,13 +111,11 @@ class LatencySearch:
         return "\n".join(rows)
 
     def to_dict(self) -> Dict[str, Any]:
-        from dataclasses import asdict
         return asdict(self)
 
 
 def capacity_rule(transform: str):
     """The transform's `pipelines.CapacityRule` (from the registry), or `UserInputError` if it has none."""
-    from .registry import get_transform
     rule = get_transform(transform).capacity
     if rule is None:
         raise UserInputError(f"budget='latency' needs a transform with a capacity to search, and {transform!r} has "
@@ -130,7 +133,6 @@ def check_runtime(runtime: Optional[str]) -> str:
     if runtime not in RUNTIMES:
         raise UserInputError(f"budget='latency' needs runtime= one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "deepsparse":
-        from .exporters.runtimes import deepsparse_status
         usable, reason = deepsparse_status()
         if not usable:
             raise UserInputError(f"iso-latency measures latency on DeepSparse, which cannot run here: {reason}")
@@ -142,9 +144,6 @@ class _Measurer:
 
     def __init__(self, compile_at: Callable[[Optional[float]], Any], example_inputs, example_kwargs, runtime: str,
                  budget: LatencyBudget, log: Optional[TextIO]) -> None:
-        from .exporters.inputs import input_specs, random_feeds
-        from .exporters.runtimes import open_engine
-        from .exporters.weights import load_onnx
         self.compile_at, self.args, self.kwargs = compile_at, example_inputs, example_kwargs
         self.runtime, self.budget, self.log = runtime, budget, log
         self.dir = tempfile.mkdtemp(prefix="sift-latency-")
@@ -154,7 +153,6 @@ class _Measurer:
         self.dense = open_engine(runtime, dense_path, budget.batch_size, budget.num_cores, self.shapes)
 
     def _export(self, result, name: str) -> str:
-        from .exporters.onnx import export_onnx
         path = os.path.join(self.dir, f"{name}.onnx")
         # the form DeepSparse runs when it verifies the file (the exporter's default keeps it), unverified here:
         # the chosen model is verified when it is exported for real
@@ -163,8 +161,6 @@ class _Measurer:
         return path
 
     def measure(self, capacity: float) -> Probe:
-        from .errors import ExportError
-        from .exporters.runtimes import open_engine
         result = self.compile_at(capacity)
         path = self._export(result, "candidate")
         b = self.budget

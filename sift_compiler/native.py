@@ -50,6 +50,8 @@ from .module_tools import eval_mode, submodule_or_none
 from .compare import compare_to_reference, tensor_leaves
 from .config import OUTPUTS  # noqa: F401  (re-exported: the forms compile returns)
 from .errors import first_line
+from .exporters.dynamic_shapes import other_shape_inputs
+from .sparsity.layers import MaskedLayer, iter_masked
 from .unit import CompilationUnit, LiteralRewrite, ModuleRewrite, TensorRewrite
 
 NATIVE_RTOL = 1e-5
@@ -110,7 +112,6 @@ def _resized_like(found: nn.Module, resized: nn.Module) -> nn.Module:
 
 def _structural(module: nn.Module) -> bool:
     """A module of sift's own (branches, factors, a masked layer): it replaces the model's module whole."""
-    from .sparsity.layers import MaskedLayer
     return isinstance(module, MaskedLayer) or getattr(type(module), "sift_rule", None) is not None
 
 
@@ -330,7 +331,6 @@ def _eval_outputs(module: nn.Module, args, kwargs) -> List[torch.Tensor]:
     """Outputs in eval mode. A compiled model's weights are exactly zero off their masks, so the
     masked layers run as an engine runs them (no ``W * M`` product, no float copy of the masks:
     at 0.9 that is as much memory as the weights)."""
-    from .sparsity.layers import iter_masked
     masked = [layer for _, layer in iter_masked(module) if not layer.engine_managed]
     try:
         for layer in masked:
@@ -358,7 +358,6 @@ def check_native(native: nn.Module, graph: nn.Module, args: Tuple[Any, ...], kwa
                  rtol: float = NATIVE_RTOL, second_size: bool = True) -> Tuple[Optional[str], List[str]]:
     """(why the native model is wrong, or None; notes): both forms in eval mode on the example
     inputs and, with ``second_size``, at one more sample (and half the positions of token ids)."""
-    from .exporters.dynamic_shapes import other_shape_inputs
     notes = []
     sizes = [("the example inputs", (args, kwargs))]
     if second_size:

@@ -13,7 +13,9 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.nn as nn
 
+from .capture.sources import example_inputs
 from .config import CompileConfig
+from .version import __version__
 
 FORMAT = "sift-compiler/1"
 
@@ -26,7 +28,6 @@ def _describe_input(x: Any) -> Any:
 
 def _make_input(d: Any, model: nn.Module) -> Any:
     if isinstance(d, dict) and set(d) == {"shape", "dtype"}:
-        from .capture.sources import example_inputs
         dtype = getattr(torch, d["dtype"])
         (x,), _ = example_inputs(model, "plain", tuple(d["shape"]), dtype)
         return x
@@ -45,7 +46,7 @@ def plan_of(result) -> Dict[str, Any]:
         "output": result.output,
         "inputs": {"args": [_describe_input(a) for a in unit.args],
                    "kwargs": {k: _describe_input(v) for k, v in unit.kwargs.items()}},
-        "versions": {"sift_compiler": _version(), "torch": str(torch.__version__)},
+        "versions": {"sift_compiler": __version__, "torch": str(torch.__version__)},
     }
 
 
@@ -60,8 +61,3 @@ def plan_config(plan: Dict[str, Any]) -> CompileConfig:
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in plan["config"].items()
            if k in CompileConfig.__dataclass_fields__}  # files from older versions may carry removed options
     return CompileConfig(**cfg)
-
-
-def _version() -> str:
-    from .version import __version__
-    return __version__

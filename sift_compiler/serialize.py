@@ -19,16 +19,20 @@ masks) that ``load(dir)`` brings back the same way.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
+from .capture.sources import FAMILIES, load_model
 from .config import CompileOptions
 from .errors import ModelLoadError, first_line
+from .exporters.checkpoints import read_checkpoint_state
 from .io import atomic_path, check_writable, load_weights_only
 from .plan import FORMAT, plan_config, plan_inputs, plan_of  # noqa: F401 (re-exported)
+from .report import current_report
 
 CHECKPOINT_PLAN = "sift_plan.json"  # a standard or compact folder (`exporters.checkpoints`)
 
@@ -60,7 +64,6 @@ def read(path: str) -> Dict[str, Any]:
 
 
 def _rebuild_source(source: Optional[Dict[str, Any]], trust_source: bool) -> nn.Module:
-    from .capture.sources import FAMILIES, load_model
     if not source or not source.get("spec"):
         raise ModelLoadError("the file does not say how to rebuild the dense model: pass it as "
                              "sift_compiler.load(path, model=dense_model)")
@@ -95,7 +98,6 @@ def _install_state(result, state: Dict[str, torch.Tensor], path: str, allow_tied
             raise ModelLoadError(f"{path!r} does not match the rebuilt model: missing {untied[:5]}, "
                                  f"unexpected {list(unexpected)[:5]}")
     result.unit.touch()
-    from .report import current_report
     result.report = current_report(result.unit, result.report.model, result.capture_method)
 
 
@@ -127,7 +129,6 @@ def load(path: str, model: Optional[nn.Module] = None, trust_source: bool = Fals
 
 def _load_pretrained(directory: str, model: Optional[nn.Module], compile_with: Callable[..., Any]):
     """A Hugging Face ``save_pretrained`` directory of a compiled model (its config.json holds the plan)."""
-    import json
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise ModelLoadError(f"{directory!r} is a directory without config.json: not a save_pretrained directory")
@@ -146,8 +147,6 @@ def _load_pretrained(directory: str, model: Optional[nn.Module], compile_with: C
 def _load_checkpoint(directory: str, model: Optional[nn.Module], trust_source: bool,
                      compile_with: Callable[..., Any]):
     """A standard or compact folder written by `exporters.checkpoints.save_pretrained`."""
-    import json
-    from .exporters.checkpoints import read_checkpoint_state
     with open(os.path.join(directory, CHECKPOINT_PLAN)) as f:
         plan = json.load(f)
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
@@ -166,7 +165,7 @@ def _load_checkpoint(directory: str, model: Optional[nn.Module], trust_source: b
 def _dense_from_config_dict(config: Dict[str, Any], class_name: Optional[str], directory: str) -> nn.Module:
     """The dense Hugging Face model a plan describes: its config class and model class from transformers."""
     try:
-        import transformers
+        import transformers  # optional (the [transformers] extra), and slow to import
     except ImportError:
         raise ModelLoadError("transformers is not installed: pip install 'sift-compiler[transformers]'") from None
     try:
@@ -197,7 +196,7 @@ def _checkpoint_names_to_model(state: Dict[str, torch.Tensor], model: nn.Module)
 def _dense_from_pretrained_config(directory: str) -> nn.Module:
     """The dense model of a save_pretrained directory: its config, random weights, a class of transformers."""
     try:
-        import transformers
+        import transformers  # optional (the [transformers] extra), and slow to import
     except ImportError:
         raise ModelLoadError("transformers is not installed: pip install 'sift-compiler[transformers]'") from None
     config = transformers.AutoConfig.from_pretrained(directory)  # reads config.json; remote code stays refused
@@ -211,7 +210,7 @@ def _dense_from_pretrained_config(directory: str) -> nn.Module:
 
 
 def _read_safetensors(directory: str) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # optional (the [transformers] extra)
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
         raise ModelLoadError(f"{directory!r} has no .safetensors weights (save_pretrained writes them by default)")

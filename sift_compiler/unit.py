@@ -14,26 +14,23 @@ analysis computed before it stale, without anyone calling ``touch``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.fx._pytree as fx_pytree
 
-from .analyses.flops import FlopAnalysis, routed_shares
-from .analyses.layers import LayerAnalysis
+from .analyses.flops import FlopAnalysis, FlopCounts, routed_shares
+from .analyses.layers import LayerAnalysis, LayerTable
 from .analyses.manager import AnalysisManager
 from .analyses.shapes import ShapeAnalysis
 from .capture.modules import on_meta_device
 from .compare import tensor_leaves
 from .config import CompileConfig
+from .errors import source_location
 from .sparsity.counts import count_parameters
 from .sparsity.layers import MaskedLayer
-
-if TYPE_CHECKING:
-    from .analyses.flops import FlopCounts
-    from .analyses.layers import LayerTable
 
 
 @dataclass
@@ -63,7 +60,6 @@ class ModuleRewrite:
     @staticmethod
     def of(path: str, old: nn.Module, new: nn.Module, call: Optional[fx.Node]) -> "ModuleRewrite":
         """The rewrite of the module ``call`` (a call_module node, if any) called."""
-        from .errors import source_location
         if call is None:
             return ModuleRewrite(path, old, new)
         stack = call.meta.get("nn_module_stack") or {}
@@ -104,7 +100,6 @@ class RewriteLog:
     literals: List[LiteralRewrite] = field(default_factory=list)
 
     def literal(self, node: fx.Node, old: Union[int, float], new: Union[int, float]) -> None:
-        from .errors import source_location
         stack = node.meta.get("nn_module_stack") or {}
         self.literals.append(LiteralRewrite(node.name, old, new, tuple(path for path, _ in stack.values()),
                                             source_location(node) or ""))

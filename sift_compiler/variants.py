@@ -16,6 +16,9 @@ from typing import List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
+from .api import compile as sift_compile
+from .capture.sources import load_model
+from .config import CompileConfig
 from .exporters.bench import BenchModel
 from .exporters.forms import DEFAULT_FORM, has_export_forms
 from .exporters.onnx import ExportInfo, export_onnx
@@ -50,9 +53,6 @@ def export_variants(spec: str, transforms: Sequence[str], sparsities: Sequence[f
 
     ``log``: where to say what is being compiled (e.g. ``sys.stderr``); silent by default.
     """
-    from .api import compile as sift_compile
-    from .capture.sources import load_model
-    from .config import CompileConfig
     family = family_name(spec)
     torch.manual_seed(seed)
     source = load_model(spec, input_shape, input_dtype, weights=weights)

@@ -14,10 +14,11 @@ from sift_compiler.errors import PassError, PostconditionError, PreconditionErro
 from sift_compiler.passes import PassManager
 from sift_compiler.passes.base import Pass, PassResult
 from sift_compiler.passes.sparse_parallel import SparseParallelPass
+from sift_compiler.passes.sparse_wide import SparseWidePass
 from sift_compiler.pipelines import finish_passes
 from sift_compiler.registry import temporary_transform
 from sift_compiler.sparsity.layers import iter_masked
-from sift_compiler.unit import CompilationUnit
+from sift_compiler.unit import CompilationUnit, RewriteLog
 
 
 class SmallCNN(nn.Module):
@@ -273,20 +274,32 @@ def test_an_unpayable_dense_cost_names_the_compensation_the_costliest_layer_and_
     _names_pass_layer_and_line(message, "iso-flop-compensation", "conv.u")
 
 
-def test_a_failure_resizing_a_module_names_sparse_wide_the_module_and_its_line(monkeypatch):
-    from sift_compiler.passes.sparse_wide import SparseWidePass
-    resize = SparseWidePass._resize
+@sift.leaf_module
+class ChannelsOnlyBatchNorm(nn.BatchNorm2d):
+    """A model's own BatchNorm whose constructor takes the channel count alone: Sparse Wide rebuilds
+    a widened norm by calling its type with torch's arguments (eps=, momentum=, ...), which this one refuses."""
 
-    def fails_on_conv(self, module, entry, size_of, layer):
-        if layer is not None and layer.target == "conv":
-            raise RuntimeError("cannot resize this module")
-        return resize(self, module, entry, size_of, layer)
-    monkeypatch.setattr(SparseWidePass, "_resize", fails_on_conv)
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+
+
+class OwnBatchNorm(SmallCNN):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = ChannelsOnlyBatchNorm(16)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(F.relu(self.stem(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_failure_resizing_a_module_names_sparse_wide_the_module_and_its_line():
     torch.manual_seed(0)
     with pytest.raises(PassError) as info:
-        sift.compile(SmallCNN(), "wide", 0.75, (example(),), output="graph")
-    assert "cannot resize this module" in str(info.value)
-    _names_pass_layer_and_line(str(info.value), "sparse-wide", "conv")
+        sift.compile(OwnBatchNorm(), "wide", 0.75, (example(),), output="graph")
+    message = str(info.value)
+    assert "ChannelsOnlyBatchNorm" in message and "unexpected keyword argument" in message  # the real failure
+    _names_pass_layer_and_line(message, "sparse-wide", "bn")
 
 
 class ReshapesChannels(SmallCNN):
@@ -297,15 +310,23 @@ class ReshapesChannels(SmallCNN):
         return self.head(x.reshape(x.shape[0], 16, -1).mean(2))
 
 
-def test_a_failure_rewriting_a_literal_names_sparse_wide_the_view_and_its_line(monkeypatch):
-    from sift_compiler.passes.sparse_wide import SparseWidePass
+class RefusesLiterals(RewriteLog):
+    """A rewrite log that fails to record a literal. No real model makes Sparse Wide's rewrite of a
+    literal fail (capture binds sizes given by keyword to positions, and the rewrite only writes the
+    new size where coupling found the old one), so the failure comes through the unit's public log,
+    inside the rewrite itself."""
 
-    def fails(unit, axes, size_of, literal, node):
+    def literal(self, node, old, new) -> None:
         raise RuntimeError("cannot rewrite this size")
-    monkeypatch.setattr(SparseWidePass, "_rewrite_literal", staticmethod(fails))
+
+
+def test_a_failure_rewriting_a_literal_names_sparse_wide_the_view_and_its_line():
     torch.manual_seed(0)
+    unit = CompilationUnit(sift.capture(ReshapesChannels(), (example(),)).module, (example(),),
+                           config=CompileConfig("wide", 0.75), record_baseline=True)
+    unit.rewrites = RefusesLiterals()
     with pytest.raises(PassError) as info:
-        sift.compile(ReshapesChannels(), "wide", 0.75, (example(),), output="graph")
+        PassManager([SparseWidePass(0.75)]).run(unit)
     message = str(info.value)
     assert "[sparse-wide]" in message and "cannot rewrite this size" in message
     assert "'reshape" in message and "test_pass_contract.py:" in message  # the view node, by its line

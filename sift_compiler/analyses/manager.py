@@ -26,7 +26,14 @@ class CompilationUnit(Protocol):
 
 
 class Analysis(Generic[R]):
-    """Base class: subclasses implement ``run(unit) -> result``; results should be read-only."""
+    """Base class: subclasses implement ``run(unit) -> result``; results should be read-only.
+
+    Unlike a pass, an analysis reads the options it depends on from ``unit.config`` (`LayerAnalysis`:
+    ``keep_dense``; `ChannelCouplingAnalysis`: ``attention_width``): the unit is what it analyses, and
+    its config is part of it, so the one result cached for the unit (by class, as passes name what
+    they preserve) is the same for every pass and for the baseline. Options given by the callers
+    instead would have every caller repeat them and two callers that differ see two layer tables of
+    one unit."""
 
     name = "analysis"
 

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..module_tools import submodule_or_none
+from ..sparsity.layers import MaskedLayer
 
 aten = torch.ops.aten
 
@@ -250,7 +251,6 @@ _submodule = submodule_or_none
 
 def _restore_masked_layers(gm: fx.GraphModule, model: Optional[nn.Module]) -> int:
     """``linear/conv(x, W * M, b)`` traced inside a masked layer -> ``call_module`` of that layer."""
-    from ..sparsity.layers import MaskedLayer
     changed = 0
     restored = set()
     for node in list(gm.graph.nodes):

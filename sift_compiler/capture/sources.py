@@ -22,6 +22,7 @@ import difflib
 import importlib
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -120,7 +121,7 @@ def _suggest(name: str, known: List[str]) -> str:
 
 
 def _torchvision(name: str, options: Dict[str, Any]) -> nn.Module:
-    import torchvision
+    import torchvision  # optional (the [vision] extra), and slow to import
     known = torchvision.models.list_models()
     if name not in known:
         raise UserInputError(f"unknown torchvision model {name!r}{_suggest(name, known)} "
@@ -130,7 +131,7 @@ def _torchvision(name: str, options: Dict[str, Any]) -> nn.Module:
 
 def _timm(name: str, options: Dict[str, Any]) -> nn.Module:
     try:
-        import timm
+        import timm  # optional (the [vision] extra), and slow to import
     except ImportError:
         raise ModelLoadError("timm is not installed: pip install 'sift-compiler[vision]'") from None
     if not timm.is_model(name):
@@ -140,7 +141,7 @@ def _timm(name: str, options: Dict[str, Any]) -> nn.Module:
 
 def _transformers(model_type: str, options: Dict[str, Any]) -> nn.Module:
     try:
-        import transformers
+        import transformers  # optional (the [transformers] extra), and slow to import
         from transformers import AutoConfig
     except ImportError:
         raise ModelLoadError("transformers is not installed: pip install 'sift-compiler[transformers]'") from None
@@ -215,7 +216,6 @@ def read_model_file(path: str, trust_pickle: bool) -> nn.Module:
 
 def _looks_like_torch_save(path: str) -> bool:
     """torch.save writes a zip archive (or, in the legacy format, a pickle: protocol byte 0x80)."""
-    import zipfile
     if zipfile.is_zipfile(path):
         return True
     with open(path, "rb") as f:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import re
 import traceback
@@ -98,7 +99,6 @@ def _kv_cache_off(model: nn.Module) -> Iterator[Optional[str]]:
 
 def _fx_capture(model: nn.Module, kwargs: Dict[str, Any]) -> fx.GraphModule:
     # Unused keyword arguments with defaults become constants, so forward(x, mask=None) traces.
-    import inspect
     concrete = {}
     try:
         params = inspect.signature(model.forward).parameters
@@ -187,7 +187,6 @@ def _unslice_module_paths(gm: fx.GraphModule) -> None:
 
 
 def _positional_names(model: nn.Module, count: int):
-    import inspect
     names = [n for n, p in inspect.signature(model.forward).parameters.items()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return names[:count]

@@ -20,11 +20,14 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from ..errors import ExportError, SiftError
+from .checks import overall_weight_sparsity
 from .forms import has_export_forms
 from .inputs import batch_of, input_specs, random_feeds
-from .runtimes import TORCH_ENGINES, open_engine
+from .runtimes import TORCH_ENGINES, deepsparse_version, open_engine
 from .weights import META_EXPORT, get_metadata, load_onnx, not_for_deepsparse
 
 
@@ -88,7 +91,6 @@ class BenchResult:
 
 def describe_file(path: str, label: Optional[str] = None, family: str = "") -> BenchModel:
     """A `BenchModel` for any ONNX file: transform and sparsity from sift's metadata, else measured."""
-    from .checks import overall_weight_sparsity
     model = load_onnx(path)
     meta = get_metadata(model, META_EXPORT) or {}
     transform = str(meta.get("transform", "?"))
@@ -119,18 +121,16 @@ def machine_description() -> Dict[str, object]:
     info: Dict[str, object] = {"cpu": cpu, "logical_cores": os.cpu_count(), "machine": platform.machine(),
                                "python": platform.python_version()}
     try:
-        import onnxruntime
+        import onnxruntime  # lazy: slow to import, and only its version is wanted here
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
     try:
-        import openvino
+        import openvino  # optional (the [openvino] extra)
         info["openvino"] = openvino.get_version().split("-")[0]
     except ImportError:
         pass
-    import torch
     info["torch"] = torch.__version__
-    from .runtimes import deepsparse_version
     version = deepsparse_version()
     if version:
         info["deepsparse"] = version
@@ -149,7 +149,6 @@ def run_benchmarks(models: Sequence[BenchModel], engines: Sequence[str], batch_s
     run (a DeepSparse abort, say) gets a failed result with the reason and is not retried; the
     others go on. ``load_torch(torch_path)`` gives the torch engines their module (loaded once).
     """
-    from tqdm import tqdm
     pooled: Dict[tuple, BenchResult] = {}
     modules: Dict[str, object] = {}
 

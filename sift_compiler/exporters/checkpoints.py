@@ -41,11 +41,13 @@ import torch
 import torch.nn as nn
 
 from ..compare import tensor_leaves
-from ..errors import SiftWarning, UserInputError, first_line
+from ..errors import ModelLoadError, SiftWarning, UserInputError, first_line
 from ..module_tools import eval_mode
 from ..native import relative_error
+from ..plan import FORMAT, plan_config, plan_inputs, plan_of
+from ..sparsity.layers import MaskedLayer
 from .dynamic_shapes import other_shape_inputs
-from .compact import _masked_pairs, compress_state, pack_bits, state_nbytes
+from .compact import _masked_pairs, compress_state, decompress_state, pack_bits, state_nbytes, unpack_bits
 from .standard_config import (StandardCheckpointRefused, dense_config, is_hugging_face, meta_model, standard_configs,
                               transposed_weights)
 
@@ -111,7 +113,6 @@ class _SavedModule:
 
     @staticmethod
     def of(module: nn.Module) -> "_SavedModule":
-        from ..plan import FORMAT, plan_config, plan_inputs
         plan = getattr(getattr(module, "config", None), "sift", None)
         if not isinstance(plan, dict) or plan.get("format") != FORMAT:
             raise UserInputError(f"{type(module).__name__} carries no sift plan (config.sift): pass the CompileResult "
@@ -150,7 +151,6 @@ def standard_config(result) -> Tuple[Any, Dict[str, Tuple[Any, Any]], Dict[str, 
 
 
 def _blocks(module: nn.Module) -> str:
-    from ..sparsity.layers import MaskedLayer
     kinds = sorted({type(m).__name__ for m in module.modules()
                     if type(m).__module__.startswith("sift_compiler") and not isinstance(m, MaskedLayer)})
     return ", ".join(kinds[:3]) or "sift modules"
@@ -200,7 +200,6 @@ def _outputs(module: nn.Module, args, kwargs):
 
 
 def _plan(result, checkpoint: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    from ..plan import plan_of
     plan = copy.deepcopy(result.plan) if isinstance(result, _SavedModule) else plan_of(result)
     plan["checkpoint"] = checkpoint
     if is_hugging_face(result.module):  # the dense model to rebuild, whatever the source was
@@ -212,7 +211,7 @@ def _plan(result, checkpoint: str, extra: Optional[Dict[str, Any]] = None) -> Di
 
 def _write_standard(result, config: Any, changed: Dict[str, Tuple[Any, Any]], state: Dict[str, torch.Tensor],
                     tmp: str, max_shard_size: str) -> None:
-    from huggingface_hub import save_torch_state_dict
+    from huggingface_hub import save_torch_state_dict  # optional (the [transformers] extra)
     module = result.module
     config.architectures = [type(module).__name__]
     config.save_pretrained(tmp)
@@ -239,10 +238,8 @@ def _write_compact(result, tmp: str) -> None:
 
 def read_checkpoint_state(directory: str, plan: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The compiled model's state dict (weights and masks) from a standard or compact folder."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # optional (the [transformers] extra)
     from safetensors.torch import load_file
-    from ..errors import ModelLoadError
-    from .compact import decompress_state, unpack_bits
     checkpoint = plan.get("checkpoint")
 
     def read(name: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -271,7 +268,7 @@ def read_checkpoint_state(directory: str, plan: Dict[str, Any]) -> Dict[str, tor
 
 
 def _save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # optional (the [transformers] extra)
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
 
 

@@ -37,6 +37,7 @@ if __name__ == "__main__":  # run by path: this folder holds onnx.py, which must
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import logging  # noqa: E402
 import pickle  # noqa: E402
 import select  # noqa: E402
@@ -47,6 +48,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import weakref  # noqa: E402
 from typing import Any, Dict, Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 DEFAULT_TIMEOUT_S = 600.0   # per request: compiling a large model at batch 64 on 2 cores takes minutes
 _HEADER = struct.Struct("<Q")
@@ -82,7 +85,7 @@ def _needs_fixed_shapes(path: str, batch_size: int, input_shapes) -> bool:
     """Whether some input has a symbolic dim besides the batch, or a static one the shapes change."""
     if not input_shapes:
         return False
-    import onnx
+    import onnx  # lazy: sift_compiler loads this module (runtimes imports it); onnx takes 0.2 s to import
     model = onnx.load(path, load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in inits]
@@ -106,7 +109,7 @@ def _private_static_copy(path: str, input_shapes):
     DeepSparse's own ``input_shapes`` option REWRITES THE USER'S FILE in place (deepsparse 1.8,
     ``override_onnx_input_shapes(inplace=True)``): sift must never let it touch the file it checks.
     """
-    import onnx
+    import onnx  # lazy (see _needs_fixed_shapes)
     model = onnx.load(path)
     inits = {i.name for i in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in inits]
@@ -130,17 +133,16 @@ class _Child:
         self.engine = None
 
     def probe(self) -> Dict[str, Any]:
-        import deepsparse
+        import deepsparse  # optional, and only ever in the child process (module docstring)
         return {"version": deepsparse.__version__}
 
     def release(self) -> Dict[str, Any]:
-        import gc
         self.engine = None
         gc.collect()
         return {}
 
     def compile(self, path: str, batch_size: int, num_cores: Optional[int], input_shapes) -> Dict[str, Any]:
-        import deepsparse
+        import deepsparse  # optional, child process only
         self.release()
         if _needs_fixed_shapes(path, batch_size, input_shapes):
             with _private_static_copy(path, input_shapes) as copy:
@@ -153,7 +155,6 @@ class _Child:
                                f"{', VNNI' if e.cpu_vnni else ''}, {e.num_cores} cores)"}
 
     def _inputs(self, feeds):
-        import numpy as np
         # unpickled arrays carry an explicit byte order ('<f4'), which DeepSparse calls an unsupported type
         return [np.ascontiguousarray(feeds[name], dtype=np.dtype(feeds[name].dtype.type))
                 for name in self.engine.input_names]

@@ -70,7 +70,7 @@ def parallel_rules() -> FrozenSet[str]:
 
 def has_export_forms(transform: str) -> bool:
     """Whether results of ``transform`` have export forms (the registry says; False for unknown names)."""
-    from ..pipelines import get_transform, transform_names
+    from ..pipelines import get_transform, transform_names  # at call time: see parallel_rules
     return transform in transform_names() and get_transform(transform).export_forms
 
 

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..capture.sources import parse_input_shape
 from ..errors import UserInputError
 from .weights import META_INPUTS, get_metadata
 
@@ -118,7 +119,6 @@ def parse_shapes(text: Optional[str], specs: Sequence[InputSpec]) -> Optional[Di
     """``--input-shape`` for the first input ('1,3,224,224'), or per input ('ids=1,128;mask=1,128')."""
     if not text:
         return None
-    from ..capture.sources import parse_input_shape
     if "=" not in text:
         if not specs:
             raise UserInputError("the model has no inputs to shape")

@@ -51,6 +51,7 @@ from ..io import check_writable
 from ..module_tools import eval_mode
 from ..sparsity.layers import bake_masks  # noqa: F401 (re-exported: it lived here)
 from ..unit import bind_placeholders
+from ..version import __version__
 from .checks import Verification, verify_onnx
 from .doped_form import concat_doped_linears, count_doped_linears
 from .dynamic_shapes import UnsupportedSizeUse, has_symbolic_sizes, make_sizes_traceable, other_shape_inputs
@@ -121,7 +122,7 @@ class _TensorInputs(nn.Module):
 
 def positive_zeros(model) -> int:
     """Rewrite -0.0 to +0.0 in every float initializer; returns how many entries changed."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # lazy (see _save)
     changed = 0
     for index, init in enumerate(model.graph.initializer):
         array = numpy_helper.to_array(init)
@@ -163,7 +164,7 @@ def _torch_export(baked: nn.Module, inputs, raw: str, names, output_names, axes,
 
 def _save(model, target: str, external_data: Optional[bool]) -> Optional[str]:
     """Save ``model`` at ``target``; weights in ``<target>.data`` when asked or above the threshold."""
-    import onnx
+    import onnx  # lazy: onnx takes 0.2 s to import, and `import sift_compiler` does not need it
     size = sum(len(init.raw_data) or init.ByteSize() for init in model.graph.initializer)
     external = size > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     if not external:
@@ -182,7 +183,6 @@ def _publish(staged: List[str], directory: str) -> None:
 
 
 def _export_metadata(module: nn.Module, form: str, opset: int) -> Dict[str, Any]:
-    from ..version import __version__
     meta: Dict[str, Any] = {"sift_compiler": __version__, "form": form, "opset": opset, "torch": torch.__version__}
     config = config_of(module)
     if config is not None:
@@ -278,7 +278,7 @@ def _write_staged(prep: _Prepared, stage: str, target_name: str, settings: Expor
 
     Returns (model path, data path or None, layer records, unmatched layers, IR version).
     """
-    import onnx
+    import onnx  # lazy (see _save)
     raw = os.path.join(stage, "raw", "model.onnx")
     os.mkdir(os.path.dirname(raw))  # the TorchScript exporter spills one file per tensor here for > 2 GB
     _torch_export(prep.baked, prep.inputs, raw, prep.names, prep.output_names, prep.axes, settings.opset,

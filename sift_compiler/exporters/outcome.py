@@ -38,8 +38,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..registry import get_transform
 from .checks import OTHER_SHAPE_CHECK, Verification
+from .forms import SAFE_FORM
 from .settings import ExportSettings
-from .weights import META_DEEPSPARSE, not_for_deepsparse  # noqa: F401  (not_for_deepsparse: re-exported)
+from .weights import META_DEEPSPARSE, not_for_deepsparse, set_metadata  # noqa: F401  (not_for_deepsparse: re-exported)
 
 OUTCOMES = ("ok", "remedied", "not-for-deepsparse", "unchecked", "failed")
 DEEPSPARSE_CHECKS = ("deepsparse-compiles", "deepsparse-supported-ops", "deepsparse-vs-onnxruntime")
@@ -102,7 +103,6 @@ def static_shapes_rule(attempt: Attempt) -> Optional[Remedy]:
 def stacked_parallel_rule(attempt: Attempt) -> Optional[Remedy]:
     if attempt.settings.form != "auto" or not attempt.branch_groups:
         return None
-    from .forms import SAFE_FORM
     verification = attempt.verification
     if failed(verification, "deepsparse-vs-onnxruntime"):
         error = verification.errors["deepsparse-vs-onnxruntime"]
@@ -164,8 +164,7 @@ def compile_remedies(transform: str, channel_multiple: int) -> List[Remedy]:
 
 def mark_not_for_deepsparse(path: str, reason: str) -> None:
     """Record in the file's metadata that DeepSparse must not run it, and why (read by sift-check, sift-bench)."""
-    import onnx
-    from .weights import set_metadata
+    import onnx  # lazy: onnx takes 0.2 s to import, and `import sift_compiler` does not need it
     model = onnx.load(path, load_external_data=False)  # external weights stay where they are
     set_metadata(model, META_DEEPSPARSE, {"runs": False, "reason": reason})
     onnx.save_model(model, path)

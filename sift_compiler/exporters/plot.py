@@ -18,7 +18,7 @@ _MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 
 def plot_latency(results: Sequence[BenchResult], path: str, title: str = "") -> None:
     """Write the plot to ``path`` (format from the extension: .png, .pdf, .svg), atomically."""
-    import matplotlib
+    import matplotlib  # lazy: 0.5 s to import with pyplot, and only sift-bench --plot uses it
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
     check_writable(path, "plot")

@@ -198,7 +198,7 @@ class Engine:
 
 
 def _onnxruntime(path: str, num_cores: Optional[int]):
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: slow to import, and only this engine uses it
     options = ort.SessionOptions()
     if num_cores:
         options.intra_op_num_threads = num_cores
@@ -213,7 +213,7 @@ def _onnxruntime(path: str, num_cores: Optional[int]):
 
 def _openvino(path: str, num_cores: Optional[int], input_shapes, sparse: bool):
     """An OpenVINO CPU model compiled for ``input_shapes`` (static shapes run fastest); one infer request."""
-    import openvino as ov
+    import openvino as ov  # optional (the [openvino] extra)
     core = ov.Core()
     # f32: on CPUs with bf16 (AVX512-BF16, AMX) OpenVINO otherwise computes in bf16 (1e-3 off, and not the same race)
     config: Dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
@@ -282,7 +282,7 @@ def open_engine(name: str, path: str, batch_size: int, num_cores: Optional[int] 
     elif name in ("openvino", "openvino-sparse"):
         impl, names, describe = _openvino(path, num_cores, input_shapes, sparse=name == "openvino-sparse")
     else:
-        from .torch_runtime import open_torch
+        from .torch_runtime import open_torch  # lazy: only the torch engines use it
         impl, describe = open_torch(module, name, num_cores)
         names = []  # positional: the feeds' order
     return Engine(name, path, batch_size, num_cores, impl, names, None, describe)

@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
+import torch
 
 from ..errors import UserInputError, first_line
+from ..sparsity.layers import iter_masked
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 META_LAYERS = "sift.layers"
@@ -31,8 +33,8 @@ META_DEEPSPARSE = "sift.deepsparse"   # {"runs": false, "reason": ...}: exporter
 
 def load_onnx(path: str, load_external_data: bool = True):
     """``onnx.load(path)`` with a clear `UserInputError` for a missing, foreign or truncated file."""
-    import onnx
-    from google.protobuf.message import DecodeError
+    import onnx  # lazy: onnx takes 0.2 s to import, and `import sift_compiler` does not need it
+    from google.protobuf.message import DecodeError  # onnx's protobuf, loaded with it
     if not os.path.exists(path):
         raise UserInputError(f"ONNX file {path!r} does not exist")
     if os.path.isdir(path):
@@ -90,7 +92,7 @@ def _torch_layout(node, array: np.ndarray) -> np.ndarray:
 
 def weight_arrays(model) -> List[Tuple[WeightTensor, np.ndarray]]:
     """Every constant weight of a Conv/Gemm/MatMul node with its array (torch layout), in graph order."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # lazy (see load_onnx)
     inits = {init.name: init for init in model.graph.initializer}
     sources = _constant_sources(model.graph)
     found: List[Tuple[WeightTensor, np.ndarray]] = []
@@ -157,8 +159,6 @@ class LayerPattern:
 
 def layer_patterns(module) -> List[LayerPattern]:
     """The masked layers of ``module`` (masks not baked yet), with their baked non-zero patterns."""
-    import torch
-    from ..sparsity.layers import iter_masked
     patterns = []
     for name, layer in iter_masked(module):
         with torch.no_grad():

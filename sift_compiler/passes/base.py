@@ -20,12 +20,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, FrozenSet, Sequence
+from typing import Dict, FrozenSet, Sequence
 
 from ..errors import PassError, PostconditionError, PreconditionError, SiftError, add_pass_context, pass_error
-
-if TYPE_CHECKING:
-    from ..unit import CompilationUnit
+from ..unit import CompilationUnit
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import UserInputError
@@ -307,7 +308,6 @@ class MaskEngine(EngineCheckpoint):
     def _reduce_dense_grads(self) -> None:
         """Average the side-buffer dense gradients over the ranks of a distributed run (one
         all-reduce per update): DDP only averages ``weight.grad``, which holds the masked gradient."""
-        import torch.distributed as dist
         local = [self.dense_grads[name] for name in sorted(self._local_dense_grads) if name in self.dense_grads]
         if not local or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 from ..errors import UserInputError
 
@@ -87,7 +88,6 @@ def gather_rows(t: torch.Tensor, spec: Optional[ShardSpec]) -> torch.Tensor:
     """(world, *t.shape): ``t`` of every rank of the shard group (t[None] without one); same shape on all ranks."""
     if spec is None or spec.world == 1:
         return t[None]
-    import torch.distributed as dist
     out = torch.empty((spec.world * t.numel(),), dtype=t.dtype, device=t.device)
     dist.all_gather_into_tensor(out, t.contiguous().view(-1), group=spec.group)
     return out.view(spec.world, *t.shape)
@@ -106,7 +106,6 @@ def global_sums(rows: Sequence[Tuple[Optional[ShardSpec], Sequence[int]]]) -> Li
             by_group.setdefault(id(spec.group), []).append(i)
     if not by_group:
         return out
-    import torch.distributed as dist
     for members in by_group.values():
         spec = rows[members[0]][0]
         width = max(len(out[i]) for i in members)
@@ -122,7 +121,6 @@ def global_sums(rows: Sequence[Tuple[Optional[ShardSpec], Sequence[int]]]) -> Li
 
 def _collective_device(spec: ShardSpec) -> torch.device:
     """Gloo reduces CPU tensors, NCCL CUDA ones: the device the group's backend wants."""
-    import torch.distributed as dist
     backend = str(dist.get_backend(spec.group)).lower()
     return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
 
