@@ -271,6 +271,7 @@ def test_an_unpayable_dense_cost_names_the_compensation_the_costliest_layer_and_
         sift.compile(SmallCNN(), "doped", 0.75, (example(),), output="graph", capacity=3.0)
     message = str(info.value)
     assert "no sparsity can make this model iso-FLOP" in message
+    assert "lower the capacity (now 3)" in message and "doped at s = 0.75" in message  # from the pass's options
     _names_pass_layer_and_line(message, "iso-flop-compensation", "conv.u")
 
 

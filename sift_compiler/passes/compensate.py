@@ -10,6 +10,8 @@ scale linearly with density; the reference binary-searches with random masks ins
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
+
 from ..analyses.flops import FlopAnalysis
 from ..analyses.layers import LayerAnalysis
 from ..analyses.shapes import ShapeAnalysis
@@ -22,16 +24,21 @@ from .base import Pass, PassResult
 
 @dataclass(frozen=True)
 class CompensationOptions:
-    """The requested s and the budget ("flops": solve s'; "latency": keep s)."""
+    """The requested s and the budget ("flops": solve s'; "latency": keep s); the transform, capacity
+    and keep-dense patterns only shape the advice when no s' can pay for the dense layers."""
 
     sparsity: float
     budget: str = "flops"
     iso_flop: bool = True   # the result is meant to cost what the dense model does (`CompileConfig.iso_flop`)
     pattern: str = "unstructured"   # "N:M": the sparse layers stay at exactly N/M (`CompileConfig.pattern`)
+    transform: str = "none"
+    capacity: Optional[float] = None
+    keep_dense: Tuple[str, ...] = ()
 
     @staticmethod
     def of(config: CompileConfig) -> "CompensationOptions":
-        return CompensationOptions(config.sparsity, config.budget, config.iso_flop, config.pattern)
+        return CompensationOptions(config.sparsity, config.budget, config.iso_flop, config.pattern,
+                                   config.transform, config.capacity, tuple(config.keep_dense))
 
 
 class IsoFlopCompensationPass(Pass):
@@ -81,7 +88,7 @@ class IsoFlopCompensationPass(Pass):
         target = unit.baseline.weight_dense
         budget = target - dense_after
         if budget <= 0:
-            raise _over_budget(unit, gm, dense, dense_after, target, options.sparsity)
+            raise _over_budget(unit, gm, dense, dense_after, target, options)
         density = budget / maskable
         if density > 1.0:
             unit.notes.append(f"compensation wanted density {density:.4f} > 1; capped at 1 (model under budget)")
@@ -104,20 +111,20 @@ def _set_densities(gm, masked_nodes, density: float) -> None:
             raise at_node(e, node)
 
 
-def _over_budget(unit, gm, dense, dense_after: float, target: float, sparsity: float) -> PassError:
+def _over_budget(unit, gm, dense, dense_after: float, target: float, options: CompensationOptions) -> PassError:
     """The error for dense layers that alone cost more than the dense model: what, the costliest
     dense layer (why it is dense, its node and source line) and what to do."""
-    transform = unit.config.transform
+    transform, sparsity = options.transform, options.sparsity
     costliest = max(dense, key=dense.__getitem__, default=None)
     nodes = {n.name: n for n in gm.graph.nodes}
     node = nodes.get(costliest)
     layer = unit.analyses.get(LayerAnalysis).layers.get(str(node.target)) if node is not None else None
     why = layer.dense_reason(transform) if layer is not None else None
-    remedies = ["lower the sparsity"] if unit.config.capacity is None else \
-        [f"lower the capacity (now {unit.config.capacity:g})"]
+    remedies = ["lower the sparsity"] if options.capacity is None else \
+        [f"lower the capacity (now {options.capacity:g})"]
     if get_transform(transform).widens:
         remedies.append("use a transform that does not widen the dense layers (parallel, factorized, doped)")
-    if unit.config.keep_dense:
+    if options.keep_dense:
         remedies.append("keep fewer layers dense (--keep-dense)")
     error = PassError(f"{transform} at s = {sparsity:g}: the layers that stay dense already cost {dense_after:.4g} "
                       f"FLOPs, more than the dense model's {target:.4g}: no sparsity can make this model iso-FLOP; "
