@@ -28,9 +28,10 @@ Doped's M) from the stream of the layer it copies.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -64,8 +65,7 @@ class InitPolicy:
                                      "parameters and has no reset_parameters; initialise it yourself after "
                                      "materializing, or give the module a reset_parameters method")
             return
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(stream_seed(seed, path))
+        with seeded_stream(seed, path):
             reset()
 
 
@@ -83,16 +83,14 @@ class HuggingFaceInit(InitPolicy):
             else "Hugging Face _init_weights"
 
     def _init(self, module: nn.Module, path: str, seed: int) -> None:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(stream_seed(seed, path))
+        with seeded_stream(seed, path):
             self.model._init_weights(module)
 
     def draw_masked(self, layer: MaskedLayer, path: str, seed: int) -> None:
         """The model's init of the layer, drawn only where the mask keeps weights when the init is
         elementwise (`kept_weight_init`: the same distribution, a fraction of the draw); else the
         whole layer is drawn and masked."""
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(stream_seed(seed, path))
+        with seeded_stream(seed, path):
             draws = kept_weight_init(lambda: self.model._init_weights(layer), layer)  # the bias is drawn here
             if draws is not None:
                 values = torch.empty(int(layer.weight_mask.sum()), dtype=layer.weight.dtype, device=layer.weight.device)
@@ -168,6 +166,15 @@ def kept_weight_init(init: Callable[[], None], layer: MaskedLayer) -> Optional[L
 def stream_seed(seed: int, path: str) -> int:
     """A torch seed of its own for the module at ``path``."""
     return (int(seed) * 1_000_003 + zlib.crc32(path.encode()) * 7919 + 2) % (2 ** 63)
+
+
+@contextlib.contextmanager
+def seeded_stream(seed: int, path: str) -> Iterator[None]:
+    """Torch's global generator on the stream of the module at ``path`` (the caller's state is put
+    back afterwards), without autograd: where every draw of a module happens."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(stream_seed(seed, path))
+        yield
 
 
 def nonzero_inside_mask(weight: torch.Tensor, mask: Optional[torch.Tensor] = None) -> int:

@@ -75,11 +75,8 @@ def _cases():
         marks = [pytest.mark.xdist_group(BIG)] if name in BIG_MODELS else []
         for transform in TRANSFORMS:
             for sparsity in ([0.75] if name in MIDDLE_ONLY else SPARSITIES):
-                chosen = ONNX_AT[name, transform] == sparsity
-                if not (FULL or chosen):
-                    continue
-                onnx = FULL or chosen
-                yield pytest.param(name, transform, sparsity, onnx, marks=marks, id=f"{name}-{transform}-s{sparsity}")
+                if FULL or ONNX_AT[name, transform] == sparsity:
+                    yield pytest.param(name, transform, sparsity, marks=marks, id=f"{name}-{transform}-s{sparsity}")
 
 
 def test_the_onnx_square_covers_every_pair():
@@ -90,8 +87,8 @@ def test_the_onnx_square_covers_every_pair():
     assert sorted(ONNX_AT) == sorted((n, t) for n in MODELS for t in TRANSFORMS)
 
 
-@pytest.mark.parametrize("name, transform, sparsity, onnx", list(_cases()))
-def test_transform_invariants(name, transform, sparsity, onnx, tmp_path):
+@pytest.mark.parametrize("name, transform, sparsity", list(_cases()))
+def test_transform_invariants(name, transform, sparsity, tmp_path):
     case, dense_shapes = _dense(name)
     result = sift.compile(case.model, transform, sparsity, case.args, case.kwargs)
     module = result.module
@@ -116,8 +113,7 @@ def test_transform_invariants(name, transform, sparsity, onnx, tmp_path):
     sum(t.float().sum() for t in outputs if t.is_floating_point()).backward()
     assert_grads_only_unmasked(module)
 
-    if onnx:
-        _assert_onnx_matches_torch(module.eval(), name, case, tmp_path)
+    _assert_onnx_matches_torch(module.eval(), name, case, tmp_path)
 
 
 def _assert_onnx_matches_torch(module, name, case, tmp_path):

@@ -50,6 +50,7 @@ import torch.nn as nn
 
 from ..errors import UserInputError
 from ..passes.sparse_parallel import ParallelBranches
+from ..pipelines import get_transform, transform_names  # pipelines, not registry: it registers the built-in transforms
 from ..sparsity.layers import MaskedLayer, new_layer
 
 FORMS = ("auto", "branches", "stacked-add", "stacked-reduce", "stacked-conv")
@@ -63,14 +64,12 @@ def parallel_rules() -> FrozenSet[str]:
     """The ``sift.rule`` values that mark Sparse Parallel branches: the branch module's own, and the
     rule of every registered transform whose main pass has export forms (a renamed or user-registered
     one included), so no such transform silently misses its forms."""
-    from ..pipelines import get_transform, transform_names  # the registry imports the passes, not the exporters
     specs = (get_transform(name) for name in transform_names())
     return frozenset({PARALLEL_RULE} | {spec.rule for spec in specs if spec.export_forms and spec.rule})
 
 
 def has_export_forms(transform: str) -> bool:
     """Whether results of ``transform`` have export forms (the registry says; False for unknown names)."""
-    from ..pipelines import get_transform, transform_names  # at call time: see parallel_rules
     return transform in transform_names() and get_transform(transform).export_forms
 
 

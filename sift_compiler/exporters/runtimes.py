@@ -42,6 +42,7 @@ import numpy as np
 
 from ..errors import ExportError, UserInputError, first_line
 from .deepsparse_worker import DEFAULT_TIMEOUT_S, DeepSparseWorker, WorkerCrash, WorkerError
+from .torch_runtime import open_torch
 
 ENGINES = ("deepsparse", "onnxruntime", "openvino", "openvino-sparse", "torch", "torch-compile", "torch-csr")
 TORCH_ENGINES = ("torch", "torch-compile", "torch-csr")
@@ -282,7 +283,6 @@ def open_engine(name: str, path: str, batch_size: int, num_cores: Optional[int] 
     elif name in ("openvino", "openvino-sparse"):
         impl, names, describe = _openvino(path, num_cores, input_shapes, sparse=name == "openvino-sparse")
     else:
-        from .torch_runtime import open_torch  # lazy: only the torch engines use it
         impl, describe = open_torch(module, name, num_cores)
         names = []  # positional: the feeds' order
     return Engine(name, path, batch_size, num_cores, impl, names, None, describe)
